@@ -1,0 +1,305 @@
+"""``spunnel-notebook``: start a compute-node Jupyter session in the foreground, or manage it.
+
+    spunnel-notebook [-p PART] [--mem MB] [-t TIME] [...] [-- SRUN ARGS]   start, stay until it ends
+    spunnel-notebook status [--json]                                       show this host's session
+    spunnel-notebook stop                                                  end it from anywhere
+
+Errors print as ``spunnel-notebook: error: <what> (<what to do>)`` and exit with the codes in
+``errors.ExitCode``; tracebacks only with --debug. Imports stay light so --help and status are fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import ExitCode, SpunnelError
+
+if TYPE_CHECKING:
+    from .session import Session, SpunnelManager
+
+PROG = "spunnel-notebook"
+
+EPILOG = """\
+commands:
+  status [--json]   show this host's session (job, node, URL, time left)
+  stop              end this host's session, whichever terminal or JupyterLab started it
+
+exit codes:
+  0 session ended normally   2 bad input   3 a session is already running   4 Slurm problem
+  5 tunnel failed/lost       6 Jupyter failed on the node   7 unsafe state directory
+  8 no session (status/stop) 129/130/143 ended by SIGHUP/Ctrl-C/SIGTERM   1 anything else
+
+examples:
+  spunnel-notebook -p interact --mem 4000 -t 2:00:00
+  spunnel-notebook --tunnel 8001:8000,8889:8888 -- --exclusive
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run Jupyter on a Slurm compute node and tunnel it to this login host.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage=f"{PROG} [options] [-- srun options] | {PROG} status|stop",
+    )
+    slurm = p.add_argument_group("Slurm (passed to srun; defaults from the site config)")
+    slurm.add_argument("-p", "--partition", default="")
+    slurm.add_argument("--mem", default="", help="memory per node, e.g. 4000 (MB) or 4G")
+    slurm.add_argument("-t", "--time", default="", help="time limit, e.g. 2:00:00")
+    slurm.add_argument("-c", "--cpus-per-task", type=int, default=None, metavar="N")
+    slurm.add_argument("-G", "--gpus", default="")
+    slurm.add_argument("--gres", default="")
+    slurm.add_argument("-A", "--account", default="")
+    slurm.add_argument("-q", "--qos", default="")
+    slurm.add_argument("-C", "--constraint", default="")
+    slurm.add_argument("--reservation", default="")
+    slurm.add_argument("-J", "--job-name", default="spunnel-notebook")
+    jup = p.add_argument_group("Jupyter and tunnels")
+    jup.add_argument("--port", type=int, default=None, help="local port (default: a free one)")
+    ui = jup.add_mutually_exclusive_group()
+    ui.add_argument("--lab", dest="ui", action="store_const", const="lab", help="JupyterLab")
+    ui.add_argument("--notebook", dest="ui", action="store_const", const="notebook",
+                    help="Jupyter Notebook")  # fmt: skip
+    jup.add_argument("--tunnel", default="", metavar="SP:EP[,SP:EP...]",
+                     help="also forward login port SP to node port EP, like spunnel")  # fmt: skip
+    other = p.add_argument_group("other")
+    other.add_argument("--status", dest="command", action="store_const", const="status",
+                       help="same as the status command")  # fmt: skip
+    other.add_argument("--stop", dest="command", action="store_const", const="stop",
+                       help="same as the stop command")  # fmt: skip
+    other.add_argument("--json", action="store_true", help="status as JSON")
+    other.add_argument("--debug", action="store_true", help="verbose log, tracebacks")
+    other.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+class Console:
+    """What the user sees. Progress and status go to stderr (one updating line on a terminal),
+    the URL block to stdout. Writes never fail: the terminal may be gone (SIGHUP)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._last = ""
+        self._partial = False
+
+    def _write(self, stream: Any, text: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            stream.write(text)
+            stream.flush()
+
+    def progress(self, text: str) -> None:
+        if text == self._last:
+            return
+        self._last = text
+        if self.tty:
+            self._write(sys.stderr, f"\r\x1b[K{PROG}: {text}")
+            self._partial = True
+        else:
+            self._write(sys.stderr, f"{PROG}: {text}\n")
+
+    def say(self, text: str, stream: Any = None) -> None:
+        if self._partial:
+            self._write(sys.stderr, "\r\x1b[K")
+            self._partial = False
+            self._last = ""
+        self._write(stream or sys.stderr, text + "\n")
+
+    def error(self, err: SpunnelError) -> None:
+        self.say(f"{PROG}: error: {err.message}" + (f" ({err.remedy})" if err.remedy else ""))
+
+
+def describe(session: Session) -> str:
+    from .session import Phase
+    from .slurm import format_duration
+
+    job = f"job {session.job_id}" if session.job_id else "submitting job"
+    if session.phase is Phase.PENDING:
+        waited = format_duration(time.time() - session.times["submitted"])
+        reason = f" ({session.reason})" if session.reason else ""
+        return f"{job} {session.job_state.value}{reason}, waiting {waited}"
+    if session.phase is Phase.STARTING:
+        return f"{job} RUNNING on {session.node or '?'}, starting Jupyter"
+    if session.phase is Phase.READY:
+        left = session.time_left
+        remaining = f", {format_duration(left)} left" if left is not None else ""
+        return f"{job} on {session.node}{remaining} (Ctrl-C to stop)"
+    return f"{job} {session.phase.value}"
+
+
+async def run_session(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
+    from .errors import ExitCode as Code
+    from .session import Phase
+    from .tunnel import parse_port_pairs
+
+    req = manager.request(
+        partition=args.partition, mem=args.mem, time=args.time, cpus_per_task=args.cpus_per_task,
+        gpus=args.gpus, gres=args.gres, account=args.account, qos=args.qos,
+        constraint=args.constraint, reservation=args.reservation, job_name=args.job_name,
+        extra=args.srun_extra, port=args.port, ui=args.ui or "",
+        tunnels=parse_port_pairs(args.tunnel) if args.tunnel else [],
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    holder: dict[str, Session] = {}
+    signals = {
+        signal.SIGINT: ("interrupted with Ctrl-C", Code.SIGINT),
+        signal.SIGTERM: ("terminated (SIGTERM)", Code.SIGTERM),
+        signal.SIGHUP: ("the terminal was closed (SIGHUP)", Code.SIGHUP),
+    }
+
+    def on_signal(sig: signal.Signals) -> None:
+        if "s" in holder:
+            holder["s"].request_stop(*signals[sig])
+        elif main is not None:
+            main.cancel()  # nothing submitted yet: just stop
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    shown_ready = False
+
+    def on_change(session: Session) -> None:
+        nonlocal shown_ready
+        if session.phase is Phase.READY and not shown_ready:
+            shown_ready = True
+            ssh_line = f"ssh -N -L {session.port}:127.0.0.1:{session.port} " + (
+                f"{os.environ.get('USER', '')}@{manager.login_host}"
+            )
+            console.say(
+                f"{PROG}: Jupyter is running on {session.node} (job {session.job_id})\n\n"
+                f"    {session.url}\n\n"
+                f"  From a laptop: run  {ssh_line}\n"
+                f"  there, then open the same URL. Stop with Ctrl-C or `{PROG} stop`.",
+                sys.stdout,
+            )
+        if session.phase in (Phase.PENDING, Phase.STARTING, Phase.READY):
+            console.progress(describe(session))
+
+    try:
+        session = await manager.start(req, on_change)
+    except asyncio.CancelledError:
+        console.say(f"{PROG}: interrupted before anything was submitted")
+        return Code.SIGINT
+    holder["s"] = session
+    for note in session.notes:
+        console.say(f"{PROG}: {note}")
+    ticker = asyncio.ensure_future(_tick(session, console)) if console.tty else None
+    outcome = await session.wait()
+    if ticker:
+        ticker.cancel()
+    if outcome.error is not None:
+        console.error(outcome.error)
+    job = f"job {session.job_id} " if session.job_id else ""
+    console.say(
+        f"{PROG}: session ended: {outcome.reason}; {job}gone from the queue, tunnel closed "
+        f"({session.times.get('teardown_s', 0):.2f} s)"
+    )
+    for note in session.notes:
+        console.say(f"{PROG}: {note}")
+    return outcome.exit_code
+
+
+async def _tick(session: Session, console: Console) -> None:
+    """Refresh the progress line each second (elapsed pending time, time left)."""
+    while True:
+        await asyncio.sleep(1)
+        console.progress(describe(session))
+
+
+def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int:
+    from .slurm import format_duration
+
+    record = manager.status()
+    if record is None:
+        if as_json:
+            console.say(json.dumps(None), sys.stdout)
+        else:
+            console.say(f"{PROG}: no session is running on this host")
+        return ExitCode.NO_SESSION
+    if as_json:
+        record = {k: v for k, v in record.items() if k != "token"}
+        console.say(json.dumps(record, indent=1, sort_keys=True), sys.stdout)
+        return ExitCode.OK
+    left = ""
+    if record.get("end_time"):
+        left = f", {format_duration(record['end_time'] - time.time())} left"
+    lines = [
+        f"session on {record.get('host')}: {record.get('phase')} "
+        f"(started from {record.get('owner')}, supervisor pid {record.get('supervisor_pid')})",
+        f"  job {record.get('job_id') or '?'} {record.get('job_state', '')} "
+        f"on {record.get('node') or '?'}{left}",
+    ]
+    if record.get("reason"):
+        lines.append(f"  pending reason: {record['reason']}")
+    if record.get("url"):
+        lines.append(f"  URL: {record['url']}")
+    if record.get("tunnels"):
+        lines.append(f"  extra tunnels: {', '.join(record['tunnels'])}")
+    lines.append(f"  stop it with `{PROG} stop`")
+    console.say("\n".join(lines), sys.stdout)
+    return ExitCode.OK
+
+
+def make_manager(debug: bool) -> SpunnelManager:
+    from .config import load_site_config
+    from .session import SpunnelManager
+
+    log = logging.getLogger(PROG)
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(message)s"
+    )
+    manager = SpunnelManager(config=load_site_config(log))
+    manager.log = log
+    return manager
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    srun_extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, srun_extra = argv[:cut], argv[cut + 1 :]
+    command = None
+    if argv and argv[0] in ("status", "stop", "start"):
+        command, argv = argv[0], argv[1:]
+    args = build_parser().parse_args(argv)
+    args.command = command or args.command or "start"
+    args.srun_extra = srun_extra
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    console = Console()
+    try:
+        manager = make_manager(args.debug)
+        if args.command == "status":
+            return show_status(manager, args.json, console)
+        if args.command == "stop":
+            console.say(f"{PROG}: {asyncio.run(manager.stop_running())}")
+            return ExitCode.OK
+        return asyncio.run(run_session(manager, args, console))
+    except SpunnelError as e:
+        console.error(e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return ExitCode.SIGINT
+    except Exception as e:
+        if args.debug:
+            raise
+        console.say(f"{PROG}: error: unexpected {type(e).__name__}: {e} (rerun with --debug)")
+        return ExitCode.ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

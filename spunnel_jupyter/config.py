@@ -1,0 +1,27 @@
+"""Site configuration shared by the CLI and the server extension.
+
+Both read ``jupyter_spunnel_jupyter_config.{json,py}`` from Jupyter's config path (e.g.
+/etc/jupyter, /usr/local/etc/jupyter, ~/.jupyter; see `jupyter --paths`), in Jupyter's order of
+priority. The server extension reads it because it is the ExtensionApp's own config file; the CLI
+reads it here. Example: /etc/jupyter/jupyter_spunnel_jupyter_config.json with
+``{"SpunnelManager": {"partition": "interact", "mem": "4000", "time": "2:00:00"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from traitlets.config import Application, Config
+
+CONFIG_FILE = "jupyter_spunnel_jupyter_config"
+
+
+def load_site_config(log: logging.Logger | None = None) -> Config:
+    from jupyter_core.paths import jupyter_config_path
+
+    config = Config()
+    for loaded, _filename in Application._load_config_files(
+        CONFIG_FILE, path=jupyter_config_path(), log=log, raise_config_file_errors=True
+    ):
+        config.merge(loaded)
+    return config

@@ -1,0 +1,206 @@
+"""The node side: run as the allocation's single task by srun, on the compute node.
+
+    python -m spunnel_jupyter.launcher  < one JSON line of settings (with the token) on stdin
+
+It creates the private per-job runtime directory ``<base>/spunnel.<JOBID>.<RESTART>`` (0700),
+starts Jupyter bound only to a Unix socket inside it, and reports on stdout, over the srun channel,
+one ``@spunnel {json}`` line per event: ``started``, ``ready`` (with the socket path), ``exited``
+(with why). When Jupyter exits or the task is signalled (scancel, walltime, srun interrupted) it
+stops Jupyter and every process Jupyter left behind, removes the directory, and exits.
+
+The token arrives on stdin and reaches Jupyter through its environment: never on a command line.
+This module uses the standard library only, so it starts fast in any Python on the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import probes, process
+
+EVENT_PREFIX = "@spunnel "
+_PR_SET_CHILD_SUBREAPER = 36
+_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Report an event to the supervisor on the login host (one line on stdout)."""
+    with contextlib.suppress(OSError):
+        sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.flush()
+
+
+def make_runtime_dir(base: str, job_id: str, restart: str) -> Path:
+    """Create ``base/spunnel.JOB.RESTART`` (0700) or, if someone else's is there, a fresh one."""
+    path = Path(base) / f"spunnel.{job_id}.{restart}"
+    try:
+        os.mkdir(path, 0o700)
+        return path
+    except FileExistsError:
+        st = path.lstat()
+        if path.is_dir() and not path.is_symlink() and st.st_uid == os.getuid():
+            os.chmod(path, 0o700)
+            return path
+    # Pre-created by another user: never use it, and never fail because of it.
+    return Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=base))
+
+
+def _children() -> list[int]:
+    me = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if f.read().rsplit(b")", 1)[1].split()[1].decode() == me:
+                        pids.append(int(entry))
+    return pids
+
+
+def kill_leftovers() -> None:
+    """SIGKILL every child left (kernels re-parented to us as the subreaper) and reap them."""
+    for _ in range(20):
+        pids = _children()
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+class Launcher:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.token: str = settings["token"]
+        self.ui: str = settings.get("ui", "lab")
+        self.base: str = settings.get("runtime_base") or tempfile.gettempdir()
+        self.command: list[str] = settings.get("jupyter_command") or [
+            sys.executable, "-m", "jupyter_server",
+        ]  # fmt: skip
+        self.args: list[str] = settings.get("jupyter_args", [])
+        self.start_timeout: float = float(settings.get("start_timeout", 120))
+        self.stop_grace: float = float(settings.get("stop_grace", 1.0))
+        self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
+        self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        self.stopping = asyncio.Event()
+        self.signal_name = ""
+
+    def _on_signal(self, signum: int) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.stopping.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        rundir = make_runtime_dir(self.base, self.job_id, self.restart)
+        try:
+            return await self._serve(rundir)
+        finally:
+            kill_leftovers()
+            shutil.rmtree(rundir, ignore_errors=True)
+
+    async def _serve(self, rundir: Path) -> int:
+        sock = rundir / "jupyter.sock"
+        emit("started", job_id=self.job_id, host=socket.gethostname(), runtime_dir=str(rundir),
+             pid=os.getpid())  # fmt: skip
+        if len(str(sock)) > _SOCKET_PATH_MAX:
+            emit("exited", reason="error", message=f"socket path too long: {sock}")
+            return 1
+        if self.ui == "notebook" and importlib.util.find_spec("notebook") is None:
+            emit("exited", reason="error",
+                 message="the 'notebook' package is not installed in the node's Python")  # fmt: skip
+            return 1
+        env = dict(os.environ)
+        env.update(JUPYTER_TOKEN=self.token, JUPYTER_RUNTIME_DIR=str(rundir / "runtime"))
+        argv = [
+            *self.command,
+            f"--ServerApp.sock={sock}",
+            "--ServerApp.sock_mode=0600",
+            "--ServerApp.open_browser=False",
+            f"--ServerApp.default_url={'/tree' if self.ui == 'notebook' else '/lab'}",
+            *self.args,
+        ]
+        jupyter = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        relay = asyncio.ensure_future(self._relay(jupyter.stdout))
+        exited = asyncio.ensure_future(jupyter.wait())
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        ready = asyncio.ensure_future(
+            probes.wait_until(lambda: self._answers(sock), timeout=self.start_timeout, cap=0.1)
+        )
+        await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        failed = ready.done() and not ready.result()
+        if ready.done() and ready.result():
+            emit("ready", socket=str(sock), url_path="/tree" if self.ui == "notebook" else "/lab")
+        elif failed:
+            emit("exited", reason="error",
+                 message=f"Jupyter did not answer within {self.start_timeout:g} s")  # fmt: skip
+            self.stopping.set()
+        ready.cancel()
+        await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if jupyter.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(jupyter.pid, signal.SIGTERM)
+            await process.stop(jupyter, grace=self.stop_grace)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(jupyter.pid, signal.SIGKILL)  # whatever Jupyter started in its group
+        if self.signal_name:
+            emit("exited", reason="signal", signal=self.signal_name)
+        elif not failed:
+            emit("exited", reason="jupyter-exit", code=jupyter.returncode)
+        code = jupyter.returncode
+        stopping.cancel()
+        await asyncio.wait({relay}, timeout=0.5)
+        return 0 if code == 0 else 1
+
+    async def _answers(self, sock: Path) -> bool:
+        try:
+            status = await probes.http_status(
+                "/api/status", unix_socket=str(sock), timeout=2,
+                headers={"Authorization": f"token {self.token}"},
+            )  # fmt: skip
+        except (OSError, TimeoutError, asyncio.TimeoutError):
+            return False
+        return status == 200
+
+    async def _relay(self, stream: asyncio.StreamReader | None) -> None:
+        """Copy Jupyter's log to our stderr (the srun channel), with the token masked."""
+        assert stream is not None
+        async for line in stream:
+            text = line.decode(errors="replace").replace(self.token, "<token>")
+            with contextlib.suppress(OSError):
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+
+def main() -> int:
+    line = sys.stdin.readline()
+    try:
+        settings = json.loads(line)
+        settings["token"]
+    except (ValueError, KeyError, TypeError):
+        emit("exited", reason="error", message="no settings on stdin: run me through spunnel")
+        return 2
+    return asyncio.run(Launcher(settings).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Child processes: argv lists only (never a shell), bounded waits, tied to our lifetime.
+
+Every long-lived child (srun, ssh) is started in its own session so that Ctrl-C and SIGHUP from the
+terminal reach only the supervisor, which then tears things down in the right order; and with
+PR_SET_PDEATHSIG so that a supervisor killed with SIGKILL takes its children with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec: SIGTERM us when the parent thread dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | None = asyncio.subprocess.DEVNULL,
+    stdout: int | None = asyncio.subprocess.PIPE,
+    stderr: int | None = asyncio.subprocess.PIPE,
+    env: dict[str, str] | None = None,
+) -> asyncio.subprocess.Process:
+    """Start a supervised child in its own session that dies with us."""
+    parent = os.getpid()
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: _die_with_parent(parent),
+    )
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None = None) -> Result:
+    """Run a short command to completion; kill it and raise TimeoutError past ``timeout``.
+
+    Raises FileNotFoundError when the program is not on PATH.
+    """
+    proc = await spawn(argv, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        await stop(proc, grace=0)
+        raise TimeoutError(f"{argv[0]} did not answer within {timeout:g} s") from None
+    assert proc.returncode is not None
+    return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+async def stop(
+    proc: asyncio.subprocess.Process, *, grace: float, first: int = signal.SIGTERM
+) -> int:
+    """Signal ``proc`` (``first``, then SIGKILL after ``grace`` seconds) and reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(first)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+def start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone.
+
+    A pid together with its start time names a process unambiguously, even after pid reuse.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    return int(stat.rsplit(b")", 1)[1].split()[19])
+
+
+def alive(pid: int | None, started: int | None) -> bool:
+    return bool(pid) and started is not None and start_time(pid) == started  # type: ignore[arg-type]

@@ -1,0 +1,756 @@
+"""Sessions: one allocation + Jupyter on its first node + the tunnels to it, owned by one supervisor.
+
+``SpunnelManager`` is shared by the CLI and the server extension: it holds the site configuration,
+validates requests, enforces one session per user per host (the state directory's lock), cleans up
+what a dead supervisor left, and starts ``Session`` objects. A ``Session`` runs its whole life in
+the supervisor's event loop:
+
+    srun (allocation + launcher task) -> "ready" from the node -> ssh ControlMaster -> URL
+    ... until the first of: stop requested, srun ended (job ended / Jupyter exited), tunnel lost
+    -> teardown: close tunnel, cancel job, wait until it left the queue, remove record, unlock.
+
+Teardown runs whatever ended the session, exactly once, every step bounded by ``stop_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import IO, Any
+
+from traitlets import Enum as TEnum
+from traitlets import Float, Instance, Int, List, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from . import probes, process
+from .errors import (
+    ExitCode,
+    JupyterError,
+    NoSession,
+    SessionExists,
+    SlurmUnavailable,
+    SpunnelError,
+    TunnelError,
+    UsageError,
+)
+from .launcher import EVENT_PREFIX
+from .slurm import JobRequest, JobState, SlurmCLI, parse_mem_mb, parse_time_limit
+from .state import StateDir, hostname
+from .tunnel import PortPair, SshTunnel, Tunnel, check_port
+
+CONTROL = "control.sock"
+CONTROL_PATH = "ctl"
+LOG = "session.log"
+COMMENT_PREFIX = "spunnel-jupyter"
+
+
+class Phase(str, Enum):
+    PENDING = "pending"  # submitted, waiting for the allocation
+    STARTING = "starting"  # job running, Jupyter starting / tunnel being built
+    READY = "ready"  # URL answers through the tunnel
+    ENDING = "ending"  # teardown in progress
+    ENDED = "ended"
+
+
+@dataclass
+class SessionRequest:
+    job: JobRequest = field(default_factory=JobRequest)
+    port: int | None = None
+    ui: str = "lab"
+    tunnels: list[PortPair] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    reason: str
+    exit_code: ExitCode = ExitCode.OK
+    error: SpunnelError | None = None
+
+
+class SpunnelManager(LoggingConfigurable):
+    """Site defaults and the machinery shared by ``spunnel-notebook`` and the server extension."""
+
+    partition = Unicode("", config=True, help="Default partition (empty: Slurm's default).")
+    mem = Unicode("", config=True, help="Default --mem, e.g. '4000' (MB) or '4G'.")
+    time = Unicode("", config=True, help="Default time limit, e.g. '2:00:00'.")
+    cpus_per_task = Int(0, config=True, help="Default CPUs (0: Slurm's default).")
+    ui = TEnum(["lab", "notebook"], "lab", config=True, help="Default UI: 'lab' or 'notebook'.")
+    srun_args = List(
+        Unicode(), [], config=True,
+        help="Extra srun options the site adds to every session, before the user's own.",
+    )  # fmt: skip
+    state_dir = Unicode(
+        "", config=True,
+        help="""Where the lock, the session record (which holds the token) and the ssh control
+        socket live. Must be private (0700, created if missing) and host-local. Empty: 
+        $SPUNNEL_STATE_DIR, $XDG_RUNTIME_DIR/spunnel-jupyter, or /tmp/spunnel-jupyter-UID.""",
+    )  # fmt: skip
+    runtime_base = Unicode(
+        "", config=True,
+        help="""Directory on the node in which the private per-job runtime directory
+        spunnel.JOBID.RESTART (0700, holding Jupyter's socket) is made. Empty: the node's
+        $TMPDIR or /tmp. Keep it short: Unix socket paths are limited to 107 bytes.""",
+    )  # fmt: skip
+    launcher_command = List(
+        Unicode(), [], config=True,
+        help="""Command srun runs on the node; it must read spunnel's settings on stdin.
+        Empty: this Python, `-m spunnel_jupyter.launcher` (the login host's environment
+        must then be reachable from the nodes, e.g. on a shared filesystem).""",
+    )  # fmt: skip
+    jupyter_command = List(
+        Unicode(), [], config=True,
+        help="Command that starts Jupyter on the node. Empty: `<node python> -m jupyter_server`.",
+    )  # fmt: skip
+    jupyter_args = List(Unicode(), [], config=True, help="Extra arguments for Jupyter on the node.")
+    start_timeout = Float(
+        300.0, config=True,
+        help="Seconds Jupyter may take, once the job runs, to answer on the node.",
+    )  # fmt: skip
+    stop_timeout = Float(
+        5.0, config=True,
+        help="Upper bound in seconds on each teardown step (tunnel, job, queue).",
+    )  # fmt: skip
+    jupyter_stop_grace = Float(
+        1.0, config=True,
+        help="Seconds Jupyter gets to shut down on the node before it is killed.",
+    )  # fmt: skip
+    pending_poll_interval = Float(
+        2.0, config=True,
+        help="""Seconds between squeue calls while the job is pending (for Slurm's reason).
+        The start itself is reported by srun at once; this only refreshes the reason.""",
+    )  # fmt: skip
+    refresh_interval = Float(
+        60.0, config=True,
+        help="Seconds between squeue calls while the session runs (for the time remaining).",
+    )  # fmt: skip
+    login_host = Unicode(
+        config=True,
+        help="Name of this login host as seen from laptops, for the printed `ssh -L` line.",
+    )
+
+    slurm = Instance(SlurmCLI)
+    tunnel = Instance(SshTunnel)
+
+    @default("login_host")
+    def _login_host_default(self) -> str:
+        return socket.getfqdn()
+
+    @default("slurm")
+    def _slurm_default(self) -> SlurmCLI:
+        return SlurmCLI(parent=self)
+
+    @default("tunnel")
+    def _tunnel_default(self) -> SshTunnel:
+        return SshTunnel(parent=self)
+
+    def state(self) -> StateDir:
+        return StateDir(self.state_dir or None).ensure()
+
+    # -- requests ----------------------------------------------------------------------------
+    def request(
+        self,
+        *,
+        partition: str = "",
+        mem: str = "",
+        time: str = "",
+        cpus_per_task: int | None = None,
+        port: int | None = None,
+        ui: str = "",
+        tunnels: list[PortPair] | None = None,
+        **job: Any,
+    ) -> SessionRequest:
+        """A request with the site defaults filled in and its syntax checked."""
+        req = SessionRequest(
+            job=JobRequest(
+                partition=partition or self.partition,
+                mem=str(mem or self.mem),
+                time=time or self.time,
+                cpus_per_task=cpus_per_task or self.cpus_per_task or None,
+                **job,
+            ),
+            port=check_port(port, "--port") if port else None,
+            ui=ui or self.ui,
+            tunnels=list(tunnels or []),
+        )
+        req.job.extra = [*self.srun_args, *req.job.extra]
+        if req.ui not in ("lab", "notebook"):
+            raise UsageError(f"unknown UI {req.ui!r}", "use 'lab' or 'notebook'")
+        if req.job.time:
+            parse_time_limit(req.job.time)
+        if req.job.mem:
+            parse_mem_mb(req.job.mem)
+        if req.job.cpus_per_task is not None and req.job.cpus_per_task < 1:
+            raise UsageError("--cpus-per-task must be at least 1", "e.g. -c 2")
+        for pair in req.tunnels:
+            if pair.local == req.port:
+                raise UsageError(
+                    f"port {pair.local} is both --port and a --tunnel login port",
+                    "use different login-side ports",
+                )
+        return req
+
+    def _check_local_ports(self, req: SessionRequest) -> None:
+        for port, what in [(req.port, "--port"), *((p.local, "--tunnel") for p in req.tunnels)]:
+            if port and probes.port_in_use(port):
+                raise UsageError(
+                    f"local port {port} ({what}) is already in use on this host",
+                    "pick another port, or leave --port out to get a free one",
+                )
+
+    async def _check_against_cluster(self, job: JobRequest) -> None:
+        """Refuse what Slurm would refuse (or leave pending forever) before submitting anything."""
+        partitions = await self.slurm.partitions()
+        names = ", ".join(p.name for p in partitions) or "none"
+        if job.partition:
+            wanted = [p for p in partitions if p.name == job.partition]
+            if not wanted:
+                raise UsageError(f"unknown partition {job.partition!r}", f"choose one of: {names}")
+        else:
+            wanted = [p for p in partitions if p.default]
+        if not wanted:
+            return  # no default partition visible: let Slurm decide
+        part = wanted[0]
+        if not part.available:
+            raise UsageError(f"partition {part.name!r} is down", f"choose one of: {names}")
+        if job.time and part.max_time is not None:
+            limit = parse_time_limit(job.time)
+            if limit is None or limit > part.max_time:
+                from .slurm import format_duration
+
+                raise UsageError(
+                    f"time limit {job.time} exceeds partition {part.name!r}'s maximum "
+                    f"{format_duration(part.max_time)}",
+                    "ask for less time or choose another partition",
+                )
+        if job.mem and part.max_mem_mb and parse_mem_mb(job.mem) > part.max_mem_mb:
+            raise UsageError(
+                f"--mem {job.mem} is more than any node in partition {part.name!r} has "
+                f"({part.max_mem_mb} MB)",
+                f"ask for at most {part.max_mem_mb} MB",
+            )
+        if job.cpus_per_task and part.max_cpus and job.cpus_per_task > part.max_cpus:
+            raise UsageError(
+                f"{job.cpus_per_task} CPUs is more than any node in partition {part.name!r} "
+                f"has ({part.max_cpus})",
+                f"ask for at most {part.max_cpus}",
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(
+        self,
+        req: SessionRequest,
+        on_change: Callable[[Session], None] | None = None,
+        owner: str = "cli",
+    ) -> Session:
+        """Take the lock, clean leftovers, check the request, and start the session.
+
+        Returns once the session is submitted; ``await session.wait()`` for its end. Raises
+        SessionExists, UsageError, SlurmUnavailable, StateError before anything is submitted.
+        """
+        state = self.state()
+        if not state.try_lock():
+            raise SessionExists(*describe_running(state.read() or {}))
+        try:
+            notes = await self.clean_leftovers(state)
+            self._check_local_ports(req)
+            await self._check_against_cluster(req.job)
+            session = Session(self, req, state, on_change, owner)
+            session.notes.extend(notes)
+            await session.launch()
+        except BaseException:
+            state.unlock()
+            raise
+        return session
+
+    async def clean_leftovers(self, state: StateDir) -> list[str]:
+        """Remove what a dead supervisor left: its job, ssh master, srun, socket and record.
+
+        Only call with the lock held (by us) or free: then nobody else owns these things.
+        """
+        record = state.read()
+        notes: list[str] = []
+        # Jobs this tool submitted from this host; with the lock ours, none has a live owner.
+        tag = f"{COMMENT_PREFIX}:{hostname()}:"
+        for job_id, comment, job_state in await self.slurm.my_jobs():
+            if comment.startswith(tag) and job_state.active:
+                await self.slurm.cancel(job_id)
+                notes.append(f"cancelled job {job_id} left by an earlier session")
+        if record is not None:
+            for what in ("ssh", "srun"):
+                pid, started = record.get(f"{what}_pid"), record.get(f"{what}_start")
+                if process.alive(pid, started):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    notes.append(f"stopped a leftover {what} (pid {pid})")
+            state.remove(CONTROL_PATH, CONTROL, "session.json")
+            if not notes:
+                notes.append("removed the record of a session whose supervisor died")
+        return notes
+
+    def status(self) -> dict[str, Any] | None:
+        """The running session's record, or None. Never touches Slurm: it is instant."""
+        state = self.state()
+        record = state.read()
+        if not record or not state.is_locked():
+            return None
+        return record
+
+    async def stop_running(self, timeout: float | None = None) -> str:
+        """Ask the running session (started by any front end) to end, and wait until it has."""
+        state = self.state()
+        timeout = timeout or 4 * self.stop_timeout
+        if not state.is_locked():
+            notes = await self.clean_leftovers(state)
+            if notes:
+                return "; ".join(notes)
+            raise NoSession("no session is running on this host", "start one with spunnel-notebook")
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(state.file(CONTROL))), 5
+            )
+            writer.write(b"stop\n")
+            await writer.drain()
+            await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+        except (OSError, asyncio.TimeoutError):
+            record = state.read() or {}
+            pid, started = record.get("supervisor_pid"), record.get("supervisor_start")
+            if process.alive(pid, started):
+                os.kill(pid, signal.SIGTERM)
+
+        async def unlocked() -> bool:
+            return not state.is_locked()
+
+        if not await probes.wait_until(unlocked, timeout=timeout, cap=0.05):
+            raise SpunnelError(
+                f"the session did not end within {timeout:g} s",
+                "run `spunnel-notebook stop` again; its supervisor may be hung",
+            )
+        return "session stopped"
+
+
+def describe_running(record: dict[str, Any]) -> tuple[str, str]:
+    job = record.get("job_id") or "?"
+    where = f" on {record['node']}" if record.get("node") else ""
+    url = f", {record['url']}" if record.get("url") else ""
+    return (
+        f"you already have a session on this host: job {job}{where}{url} "
+        f"(started by {record.get('owner', 'spunnel')}, phase {record.get('phase', '?')})",
+        "use it, or end it with `spunnel-notebook stop` first",
+    )
+
+
+class Session:
+    """One running session. Created by SpunnelManager.start; owns its srun, ssh and the lock."""
+
+    def __init__(
+        self,
+        manager: SpunnelManager,
+        req: SessionRequest,
+        state: StateDir,
+        on_change: Callable[[Session], None] | None,
+        owner: str,
+    ) -> None:
+        self.manager = manager
+        self.log = manager.log
+        self.req = req
+        self.state = state
+        self.on_change = on_change
+        self.owner = owner
+        self.id = secrets.token_hex(6)
+        self.token = secrets.token_hex(24)
+        self.port = req.port or probes.free_port()
+        self.phase = Phase.PENDING
+        self.job_id: int | None = None
+        self.job_state = JobState.PENDING
+        self.reason = ""  # Slurm's pending reason
+        self.node = ""
+        self.end_time: float | None = None
+        self.socket_path = ""
+        self.url = ""
+        self.notes: list[str] = []
+        self.times: dict[str, float] = {"submitted": time.time()}
+        self.outcome: Outcome | None = None
+        self.srun: asyncio.subprocess.Process | None = None
+        self.tunnel: Tunnel | None = None
+        self._node_exit: dict[str, Any] = {}
+        self._slurm_said: list[str] = []
+        self._stop = asyncio.Event()
+        self._stop_outcome: Outcome | None = None
+        self._ready = asyncio.Event()
+        self._node_ready_event = asyncio.Event()
+        self._node_url_path = ""
+        self._task: asyncio.Task[Outcome] | None = None
+        self._log: IO[bytes] = open(state.file(LOG), "wb", buffering=0)
+        os.chmod(state.file(LOG), 0o600)
+        self._control: asyncio.AbstractServer | None = None
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def time_left(self) -> float | None:
+        return None if self.end_time is None else max(0.0, self.end_time - time.time())
+
+    def snapshot(self, *, with_secrets: bool = False) -> dict[str, Any]:
+        """What status displays, the REST API returns and session.json holds."""
+        data: dict[str, Any] = {
+            "version": 1,
+            "session_id": self.id,
+            "host": hostname(),
+            "user": getpass.getuser(),
+            "owner": self.owner,
+            "phase": self.phase.value,
+            "job_id": self.job_id,
+            "job_state": self.job_state.value,
+            "reason": self.reason,
+            "node": self.node,
+            "port": self.port,
+            "tunnels": [str(p) for p in self.req.tunnels],
+            "end_time": self.end_time,
+            "times": self.times,
+            "supervisor_pid": os.getpid(),
+            "supervisor_start": process.start_time(os.getpid()),
+            "log": str(self.state.file(LOG)),
+        }
+        if self.outcome:
+            data["ended_reason"] = self.outcome.reason
+        if with_secrets:
+            data["url"] = self.url
+            data["token"] = self.token
+            for name, proc in (("srun", self.srun), ("ssh", self.tunnel and self.tunnel.proc)):
+                if proc is not None:
+                    data[f"{name}_pid"] = proc.pid
+                    data[f"{name}_start"] = process.start_time(proc.pid)
+        return data
+
+    def request_stop(self, reason: str, exit_code: ExitCode = ExitCode.OK) -> None:
+        """End the session (idempotent; the first reason wins). Safe from signal handlers."""
+        if self._stop_outcome is None:
+            self._stop_outcome = Outcome(reason, exit_code)
+        self._stop.set()
+
+    async def wait_ready(self) -> bool:
+        """Wait until the URL answers (True) or the session ended first (False)."""
+        assert self._task is not None
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        return self._ready.is_set()
+
+    async def wait(self) -> Outcome:
+        assert self._task is not None
+        return await asyncio.shield(self._task)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def launch(self) -> None:
+        m = self.manager
+        command = m.launcher_command or [sys.executable, "-m", "spunnel_jupyter.launcher"]
+        comment = f"{COMMENT_PREFIX}:{hostname()}:{self.id}"
+        argv = m.slurm.srun_argv(self.req.job, comment, command)
+        self._save()  # before srun: a supervisor killed right now leaves enough to clean up
+        self._log.write(f"$ {' '.join(argv)}\n".encode())
+        try:
+            self.srun = await process.spawn(argv, stdin=asyncio.subprocess.PIPE)
+        except FileNotFoundError as e:
+            raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
+        settings = {
+            "token": self.token,
+            "ui": self.req.ui,
+            "runtime_base": m.runtime_base,
+            "jupyter_command": m.jupyter_command,
+            "jupyter_args": m.jupyter_args,
+            "start_timeout": m.start_timeout,
+            "stop_grace": m.jupyter_stop_grace,
+        }
+        assert self.srun.stdin is not None
+        self.srun.stdin.write((json.dumps(settings) + "\n").encode())  # the token's only path
+        self._save()
+        self._control = await asyncio.start_unix_server(
+            self._on_control, path=str(self.state.file(CONTROL))
+        )
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> Outcome:
+        assert self.srun is not None
+        srun = self.srun
+        readers = [
+            asyncio.ensure_future(self._read_events(srun.stdout)),
+            asyncio.ensure_future(self._read_srun_stderr(srun.stderr)),
+            asyncio.ensure_future(self._poll_job()),
+        ]
+        srun_exit = asyncio.ensure_future(srun.wait())
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            outcome = await self._supervise(srun_exit, stop)
+        except SpunnelError as e:
+            outcome = Outcome(e.message, e.exit_code, e)
+        except Exception as e:  # a bug: still tear down, and say so
+            self.log.exception("session failed")
+            outcome = Outcome(f"internal error: {e!r}", ExitCode.ERROR, SpunnelError(str(e)))
+        self.outcome = outcome
+        try:
+            await self._teardown()
+        finally:
+            for task in (*readers, srun_exit, stop):
+                task.cancel()
+            self._finish()
+        return outcome
+
+    async def _supervise(
+        self, srun_exit: asyncio.Future[int], stop: asyncio.Future[Any]
+    ) -> Outcome:
+        """Wait for the first thing that ends the session; return why."""
+        tunnel_exit: asyncio.Future[int] | None = None
+        node_ready = asyncio.ensure_future(self._wait_node_ready())
+        try:
+            while True:
+                waiting: set[asyncio.Future[Any]] = {srun_exit, stop}
+                waiting.add(tunnel_exit if tunnel_exit else node_ready)
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if stop.done():
+                    assert self._stop_outcome is not None
+                    return self._stop_outcome
+                if srun_exit.done():
+                    await asyncio.sleep(0.05)  # let the readers drain srun's last lines
+                    return await self._why_srun_ended(srun_exit.result())
+                if tunnel_exit is not None and tunnel_exit.done():
+                    raise TunnelError(
+                        f"the tunnel's ssh to {self.node} exited ({tunnel_exit.result()})",
+                        f"see {self.state.file(LOG)}; start a new session",
+                    )
+                if node_ready.done():
+                    node_ready.result()  # raises if Jupyter or the tunnel failed
+                    assert self.tunnel is not None
+                    tunnel_exit = asyncio.ensure_future(self.tunnel.proc.wait())
+        finally:
+            node_ready.cancel()
+            if tunnel_exit:
+                tunnel_exit.cancel()
+
+    async def _wait_node_ready(self) -> None:
+        """After the node reports Jupyter listening: tunnel, check through it, publish the URL."""
+        await self._node_ready_event.wait()
+        self._set(phase=Phase.STARTING)
+        self.times["jupyter_ready"] = time.time()
+        m = self.manager
+        forwards = [f"127.0.0.1:{self.port}:{self.socket_path}"]
+        forwards += [f"127.0.0.1:{p.local}:localhost:{p.remote}" for p in self.req.tunnels]
+        self.tunnel = await m.tunnel.open(
+            self.node, self.state.file(CONTROL_PATH), forwards, self._log
+        )
+        self._save()
+
+        async def answers() -> bool:
+            try:
+                status = await probes.http_status(
+                    "/api/status", port=self.port, timeout=5,
+                    headers={"Authorization": f"token {self.token}"},
+                )  # fmt: skip
+            except (OSError, asyncio.TimeoutError):
+                return False
+            return status == 200
+
+        if not await probes.wait_until(answers, timeout=m.tunnel.connect_timeout):
+            raise TunnelError(
+                "Jupyter does not answer through the tunnel",
+                f"see {self.state.file(LOG)}",
+            )
+        url_path = self._node_url_path or "/lab"
+        self.url = f"http://127.0.0.1:{self.port}{url_path}?token={self.token}"
+        self.times["ready"] = time.time()
+        info = await m.slurm.job(self.job_id) if self.job_id else None
+        if info and info.state is not JobState.UNKNOWN:
+            self.end_time = info.end_time
+        self._set(phase=Phase.READY)
+        self._ready.set()
+
+    # -- srun's channels ---------------------------------------------------------------------
+    async def _read_events(self, stream: asyncio.StreamReader | None) -> None:
+        """Events from the launcher on the node (srun relays its stdout)."""
+        assert stream is not None
+        async for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if not line.startswith(EVENT_PREFIX):
+                self._log.write(raw)
+                continue
+            try:
+                event = json.loads(line[len(EVENT_PREFIX) :])
+            except ValueError:
+                continue
+            self._log.write(raw)
+            kind = event.get("event")
+            if kind == "started":
+                self.times.setdefault("running", time.time())
+                job_id = str(event.get("job_id", ""))
+                self._set(
+                    job_id=int(job_id) if job_id.isdigit() else self.job_id,
+                    node=event.get("host", ""),
+                    job_state=JobState.RUNNING,
+                    reason="",
+                    phase=Phase.STARTING,
+                )
+            elif kind == "ready":
+                self.socket_path = event["socket"]
+                self._node_url_path = event.get("url_path", "/lab")
+                self._node_ready_event.set()
+            elif kind == "exited":
+                self._node_exit = event
+
+    _QUEUED = re.compile(r"srun: job (\d+) queued and waiting for resources")
+    _ALLOCATED = re.compile(r"srun: job (\d+) has been allocated resources")
+
+    async def _read_srun_stderr(self, stream: asyncio.StreamReader | None) -> None:
+        """srun's own messages (queue progress, errors) and Jupyter's log, masked on the node."""
+        assert stream is not None
+        async for raw in stream:
+            self._log.write(raw)
+            line = raw.decode(errors="replace").strip()
+            if m := self._QUEUED.search(line):
+                self._set(job_id=int(m.group(1)), job_state=JobState.PENDING)
+            elif m := self._ALLOCATED.search(line):
+                self.times.setdefault("running", time.time())
+                self._set(job_id=int(m.group(1)), job_state=JobState.RUNNING, reason="",
+                          phase=Phase.STARTING)  # fmt: skip
+            elif line.startswith(("srun:", "slurmstepd:")):
+                self._slurm_said.append(line)
+
+    async def _poll_job(self) -> None:
+        """Refresh Slurm's pending reason, then the end time; srun reports the start itself."""
+        m = self.manager
+        while True:
+            running = self.job_state is not JobState.PENDING
+            await asyncio.sleep(m.refresh_interval if running else m.pending_poll_interval)
+            if self.job_id is None:
+                continue
+            info = await m.slurm.job(self.job_id)
+            if info.state is JobState.UNKNOWN:
+                continue  # controller unreachable: the job is not known to have ended
+            if info.state is JobState.PENDING:
+                self._set(reason=info.reason)
+            elif self.phase is Phase.READY and info.end_time:
+                self._set(end_time=info.end_time)
+
+    async def _why_srun_ended(self, code: int) -> Outcome:
+        said = " ".join(self._slurm_said)
+        node = self._node_exit
+        if self.job_id is None and code != 0 and "Unable to allocate" in said:
+            from .slurm import classify_error
+
+            raise classify_error(said)
+        if node.get("reason") == "error":
+            raise JupyterError(
+                f"Jupyter failed on {self.node or 'the node'}: {node.get('message')}",
+                f"see {self.state.file(LOG)}",
+            )
+        if node.get("reason") == "jupyter-exit":
+            if self.phase is Phase.READY or node.get("code") == 0:
+                return Outcome("Jupyter was shut down (from its own menu or API)")
+            raise JupyterError(
+                f"Jupyter exited on {self.node} with code {node.get('code')} before it was ready",
+                f"see {self.state.file(LOG)}",
+            )
+        if "DUE TO TIME LIMIT" in said:
+            return Outcome(f"job {self.job_id} reached its time limit")
+        if "CANCELLED" in said or node.get("reason") == "signal":
+            who = "preempted" if "PREEMPTION" in said else "cancelled"
+            return Outcome(f"job {self.job_id} was {who} (scancel or Slurm)")
+        if self.job_id is None:
+            raise classify_error(said or f"srun exited with code {code}")
+        info = await self.manager.slurm.job(self.job_id)
+        return Outcome(f"job {self.job_id} ended ({info.state.value}; srun exit {code})")
+
+    # -- control socket ----------------------------------------------------------------------
+    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Other front ends (spunnel-notebook stop, the server extension) talk to us here."""
+        try:
+            command = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+            if command == "stop":
+                self.request_stop("stopped with `spunnel-notebook stop` or from JupyterLab")
+                writer.write(b"ok\n")
+            else:
+                writer.write(b"error unknown command\n")
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    # -- teardown ----------------------------------------------------------------------------
+    async def _teardown(self) -> None:
+        """Close the tunnel, end the job, wait until it left the queue. Every step bounded."""
+        m = self.manager
+        self._set(phase=Phase.ENDING)
+        started = time.monotonic()
+        if self._control is not None:
+            self._control.close()
+        steps = []
+        if self.tunnel is not None:
+            steps.append(self.tunnel.close(grace=min(1.0, m.stop_timeout)))
+        steps.append(self._end_job())
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                self.log.warning("teardown step failed: %s", result)
+                self.notes.append(f"teardown: {result}")
+        self.times["teardown_s"] = round(time.monotonic() - started, 3)
+
+    async def _end_job(self) -> None:
+        m = self.manager
+        srun = self.srun
+        assert srun is not None
+        if srun.returncode is None:
+            if self.job_id is not None:
+                with contextlib.suppress(SpunnelError):
+                    await m.slurm.cancel(self.job_id)
+            else:
+                # Not yet told the job id: srun revokes its own pending request on SIGTERM.
+                srun.send_signal(signal.SIGTERM)
+            await process.stop(srun, grace=m.stop_timeout)
+        if self.job_id is None:  # srun may have been granted a job it never named
+            tag = f"{COMMENT_PREFIX}:{hostname()}:{self.id}"
+            for job_id, comment, _ in await m.slurm.my_jobs():
+                if comment == tag:
+                    self.job_id = job_id
+                    await m.slurm.cancel(job_id)
+        if self.job_id is not None:
+            job_id = self.job_id
+
+            async def gone() -> bool:
+                return not await m.slurm.in_queue(job_id)
+
+            if not await probes.wait_until(gone, timeout=m.stop_timeout, first=0.05, cap=0.2):
+                await m.slurm.cancel(job_id)
+                raise SpunnelError(f"job {job_id} is still in the queue after teardown")
+
+    def _finish(self) -> None:
+        """Last step, always: remove the record and socket files, release the lock."""
+        self.state.remove("session.json", CONTROL, CONTROL_PATH)
+        self._log.close()
+        self.state.unlock()
+        self._set(phase=Phase.ENDED, save=False)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _set(self, save: bool = True, **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(self, name, value)
+        if save and self.phase is not Phase.ENDED:
+            self._save()
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                self.log.exception("on_change listener failed")
+
+    def _save(self) -> None:
+        self.state.write(self.snapshot(with_secrets=True))

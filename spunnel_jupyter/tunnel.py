@@ -1,0 +1,184 @@
+"""The ssh ControlMaster that carries the notebook (and extra port pairs) to the login host.
+
+The master runs in the foreground under our supervision (never ``-f``): its exit is how we learn the
+tunnel is gone. ``-O check`` plus a real HTTP request say it is ready; ``-O exit`` closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from traitlets import Float, Int, List, Unicode
+from traitlets.config import LoggingConfigurable
+
+from . import probes, process
+from .errors import TunnelError, UsageError
+
+_MIN_PORT = 1024  # privileged ports need root on the login host; refuse them up front
+
+
+@dataclass(frozen=True)
+class PortPair:
+    """``local`` on the login host (127.0.0.1) forwards to ``remote`` on the node's loopback."""
+
+    local: int
+    remote: int
+
+    def __str__(self) -> str:
+        return f"{self.local}:{self.remote}"
+
+
+def check_port(port: int, what: str) -> int:
+    if not _MIN_PORT <= port <= 65535:
+        raise UsageError(
+            f"{what} {port} is out of range",
+            f"use a port from {_MIN_PORT} to 65535 (lower ones are privileged)",
+        )
+    return port
+
+
+def parse_port_pairs(text: str) -> list[PortPair]:
+    """Parse spunnel's ``SP:EP[,SP:EP...]`` (submit-host port : exec-host port)."""
+    pairs: list[PortPair] = []
+    for item in text.split(","):
+        local, sep, remote = item.strip().partition(":")
+        if not (sep and local.isdigit() and remote.isdigit()):
+            raise UsageError(
+                f"malformed --tunnel pair {item.strip()!r}",
+                "write LOGINPORT:NODEPORT[,LOGINPORT:NODEPORT...], e.g. --tunnel 8001:8000,8889:8888",
+            )
+        pair = PortPair(check_port(int(local), "port"), check_port(int(remote), "port"))
+        if any(p.local == pair.local for p in pairs):
+            raise UsageError(
+                f"login-side port {pair.local} appears twice in --tunnel",
+                "give each pair its own login-side port",
+            )
+        pairs.append(pair)
+    return pairs
+
+
+class SshTunnel(LoggingConfigurable):
+    """How to run ssh from the login host to the node. One instance serves every session."""
+
+    ssh_command = List(
+        Unicode(),
+        ["ssh"],
+        config=True,
+        help="The ssh client command (argv list). Options are added after it.",
+    )
+    ssh_options = List(
+        Unicode(),
+        [],
+        config=True,
+        help="""Extra ssh options placed before the host, e.g. ["-o", "ProxyJump=gw"].
+        BatchMode, ExitOnForwardFailure and the ControlMaster options are always set.""",
+    )
+    server_alive_interval = Int(
+        15,
+        config=True,
+        help="Seconds between ssh keep-alives; after 3 unanswered the tunnel counts as lost.",
+    )
+    connect_timeout = Float(
+        20.0,
+        config=True,
+        help="Seconds to wait for the tunnel to be up (ssh connected and forwards bound).",
+    )
+
+    def argv(self, host: str, control_path: Path, forwards: Sequence[str]) -> list[str]:
+        return [
+            *self.ssh_command,
+            "-N",
+            "-M",
+            "-S", str(control_path),
+            "-o", "ControlPersist=no",
+            "-o", "BatchMode=yes",
+            "-o", "ExitOnForwardFailure=yes",
+            "-o", f"ConnectTimeout={max(1, int(self.connect_timeout))}",
+            "-o", f"ServerAliveInterval={self.server_alive_interval}",
+            "-o", "ServerAliveCountMax=3",
+            "-o", "ClearAllForwardings=no",
+            *[arg for spec in forwards for arg in ("-L", spec)],
+            *self.ssh_options,
+            "--",
+            host,
+        ]  # fmt: skip
+
+    def control(self, host: str, control_path: Path, op: str) -> list[str]:
+        return [*self.ssh_command, "-S", str(control_path), "-O", op, *self.ssh_options, host]
+
+    async def open(
+        self, host: str, control_path: Path, forwards: Sequence[str], log: IO[bytes]
+    ) -> Tunnel:
+        """Start the master; return once ``-O check`` succeeds. Raises TunnelError."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_path)  # a leftover socket would make -M fail
+        try:
+            proc = await process.spawn(
+                self.argv(host, control_path, forwards), stdout=log, stderr=log
+            )
+        except FileNotFoundError as e:
+            raise TunnelError(f"{self.ssh_command[0]!r} not found", "install OpenSSH") from e
+        tunnel = Tunnel(self, host, control_path, proc)
+        await tunnel.wait_ready(self.connect_timeout)
+        return tunnel
+
+
+class Tunnel:
+    """One running ControlMaster; owned by the session that opened it."""
+
+    def __init__(
+        self, config: SshTunnel, host: str, control_path: Path, proc: asyncio.subprocess.Process
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.control_path = control_path
+        self.proc = proc
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def check(self) -> bool:
+        if not self.control_path.exists():
+            return False
+        result = await process.run(
+            self.config.control(self.host, self.control_path, "check"), timeout=5
+        )
+        return result.returncode == 0
+
+    async def wait_ready(self, timeout: float) -> None:
+        exited = asyncio.ensure_future(self.proc.wait())
+        ready = asyncio.ensure_future(probes.wait_until(self.check, timeout=timeout))
+        try:
+            await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if self.proc.returncode is not None:
+            raise TunnelError(
+                f"ssh to {self.host} failed (exit {self.proc.returncode})",
+                f"check that you can `ssh {self.host}` without a password; see the session log",
+            )
+        if not ready.result():
+            await self.close()
+            raise TunnelError(
+                f"the ssh tunnel to {self.host} was not up within {timeout:g} s",
+                "check ssh to the node; raise c.SshTunnel.connect_timeout if it is slow",
+            )
+
+    async def close(self, grace: float = 1.0) -> None:
+        """Close the master (``-O exit``, then signals) and remove its socket."""
+        if self.proc.returncode is None and self.control_path.exists():
+            with contextlib.suppress(OSError, TimeoutError):
+                await process.run(
+                    self.config.control(self.host, self.control_path, "exit"), timeout=grace
+                )
+        await process.stop(self.proc, grace=grace)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
