@@ -1,0 +1,576 @@
+#!/usr/bin/env bash
+# Stand up a real one-exec-node Slurm cluster with two sshds on this machine, for the end-to-end tests.
+#
+#   login side (root network namespace, hostname = `hostname -s`): slurmctld, sshd on 10.200.0.1:22 and
+#       127.0.0.1:2222, munged (shared by both sides through its Unix socket)
+#   c1 (network namespace "c1" + its own UTS namespace, hostname c1, 10.200.0.2): slurmd -N c1, sshd on
+#       10.200.0.2:22
+#
+# The filesystem, users and /tmp are shared; a server bound to 127.0.0.1 inside c1 is reachable from the login
+# side only through ssh, as on a real cluster. Run as root. Idempotent: when everything is already up it only
+# re-checks health. Daemons it starts are recorded in /run/spunnel-test/*.pid ("PID STARTTIME"), and
+# down.sh stops exactly those. Facts and pitfalls behind the choices here: /work/shared/TESTBED.md.
+#
+# Environment knobs:
+#   SPUNNEL_SKIP_PROJECT=1     tolerate a project that does not install (installs jupyterlab, ipykernel and
+#                              jupyter_server into the venv instead), for working on this script alone
+#   SPUNNEL_PROCTRACK=linuxproc  force proctrack/linuxproc + task/none even where cgroup v1 is available
+#   SPUNNEL_NODE_CORES=N       cores c1 declares (default 8, so at most 8 one-CPU jobs run at once)
+set -Eeuo pipefail
+
+T0=$(date +%s.%N)
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LC_ALL=C
+umask 022
+
+readonly RUN=/run/spunnel-test            # pidfiles, cluster.env, logs; removed by down.sh
+readonly ETC=/etc/spunnel-test            # sshd configs and host keys; kept across down/up
+readonly LOG=$RUN/up.log
+readonly NS=c1 NODE=c1
+readonly LOGIN_IF=spn-login NODE_IF=spn-c1
+readonly LOGIN_ADDR=10.200.0.1 NODE_ADDR=10.200.0.2
+readonly SSHD_LOGIN_PORT=2222
+readonly MARK='# spunnel-test'
+readonly VENV_ROOT=/opt/spunnel VENV=/opt/spunnel/venv
+readonly USERS=(alice bob)
+readonly NODE_CORES=${SPUNNEL_NODE_CORES:-8} # declared, not real: see SlurmdParameters=config_overrides
+readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
+    openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl)
+
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+readonly REPO
+LOGIN_HOST=$(hostname -s)
+readonly LOGIN_HOST
+
+say() { printf 'up: %s\n' "$*"; }
+# die MESSAGE [LOGFILE...]: say what failed, show the end of the logs that tell why, stop.
+die() {
+    local f
+    printf 'up: ERROR: %s\n' "$1" >&2
+    shift
+    for f in "$@"; do
+        [[ -s $f ]] || continue
+        printf 'up: last lines of %s:\n' "$f" >&2
+        tail -n 20 "$f" | sed 's/^/    /' >&2
+    done
+    exit 1
+}
+trap 'printf "up: FAILED (exit %s) at line %s: %s\n" "$?" "$LINENO" "$BASH_COMMAND" >&2' ERR
+trap '[[ $? -eq 0 ]] || printf "up: FAILED; logs in %s (daemons already started stay up; down.sh stops them)\n" "$RUN" >&2' EXIT
+
+[[ $(id -u) -eq 0 ]] || { echo "up: must run as root" >&2; exit 1; }
+[[ $NODE_CORES =~ ^[1-9][0-9]?$ ]] || { echo "up: SPUNNEL_NODE_CORES must be 1-99, not '$NODE_CORES'" >&2; exit 1; }
+install -d -m 0755 "$RUN" "$ETC"
+: >"$LOG"
+
+# Run a noisy command with its output in the log; on failure show the log tail and stop.
+quiet() {
+    printf '\n+ %s\n' "$*" >>"$LOG"
+    "$@" >>"$LOG" 2>&1 || die "command failed: $*" "$LOG"
+}
+
+# wait_until SECONDS CMD...: poll CMD every 0.1 s until it succeeds (status 0) or SECONDS pass (status 1).
+wait_until() {
+    local deadline=$(($(date +%s%N) + $1 * 1000000000))
+    shift
+    until "$@" >/dev/null 2>&1; do
+        (($(date +%s%N) < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# ---------------------------------------------------------------------------------------------------------
+# Pidfiles hold "PID STARTTIME": the start time (field 22 of /proc/PID/stat) survives exec but not pid reuse,
+# so a stale pidfile never makes us trust, or later kill, an unrelated process.
+starttime_of() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo "${20}"
+}
+
+# running PID: the process exists and is not a zombie. PID 1 on these machines does not reap orphans, so a
+# daemon that exited after up.sh ended stays a zombie, with its /proc entry, for good.
+running() { [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+
+# alive NAME COMM: the daemon recorded in $RUN/NAME.pid is still that process and now runs COMM.
+alive() {
+    local pid st
+    [[ -r $RUN/$1.pid ]] || return 1
+    read -r pid st <"$RUN/$1.pid" || return 1
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    [[ $(starttime_of "$pid" 2>/dev/null) == "$st" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
+    running "$pid"
+}
+pid_of() { local pid _; read -r pid _ <"$RUN/$1.pid"; echo "$pid"; }
+
+# in_c1 PID: the process lives in the current c1 network namespace (not one from before a down/up).
+in_c1() {
+    [[ $(readlink "/proc/$1/ns/net" 2>/dev/null) == "net:[$(stat -L -c %i "/run/netns/$NS")]" ]]
+}
+
+# launch NAME CMD...: start CMD detached (own session, no inherited fds) and record its pid. The commands
+# passed here exec their way to the daemon (nsenter, unshare, sh -c 'exec ...', setpriv), never fork, so $!
+# is the daemon itself.
+launch() {
+    local name=$1 pid st
+    shift
+    setsid "$@" </dev/null >>"$RUN/$name.out" 2>&1 &
+    pid=$!
+    st=$(starttime_of "$pid") || die "$name exited at once" "$RUN/$name.out"
+    echo "$pid $st" >"$RUN/$name.pid"
+}
+
+# stop NAME: SIGTERM the recorded daemon, SIGKILL after 5 s (used when its configuration changed).
+stop() {
+    local pid i
+    [[ -r $RUN/$1.pid ]] || return 0
+    pid=$(pid_of "$1")
+    if [[ $(starttime_of "$pid" 2>/dev/null) == "$(cut -d' ' -f2 "$RUN/$1.pid")" ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            running "$pid" || break
+            sleep 0.1
+        done
+        if running "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    fi
+    rm -f "$RUN/$1.pid"
+}
+
+# write_if_changed FILE MODE: replace FILE with stdin only when the content differs; status 0 = changed.
+write_if_changed() {
+    local file=$1 mode=$2 tmp
+    tmp=$(mktemp "$file.XXXXXX")
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    if [[ -f $file ]] && cmp -s "$tmp" "$file"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    mv -f "$tmp" "$file"
+    return 0
+}
+
+# set_marked_lines FILE: make the lines of FILE ending in $MARK exactly stdin's lines (each ending in $MARK),
+# keeping every other line. Rewrites in place (no rename), so a bind-mounted /etc/hosts works too.
+set_marked_lines() {
+    local file=$1 new want
+    want=$(cat)
+    new=$( (grep -v -- " $MARK\$" "$file" 2>/dev/null || true; printf '%s\n' "$want") )
+    if [[ $new != "$(cat "$file" 2>/dev/null)" ]]; then
+        printf '%s\n' "$new" >"$file"
+        chmod 0644 "$file"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Packages
+missing=()
+for p in "${PACKAGES[@]}"; do
+    [[ $(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null) == installed ]] || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    say "installing packages (missing: ${missing[*]})"
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        # Keep package postinst scripts from starting daemons: this script starts its own.
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+    fi
+    quiet apt-get update
+    quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y "${PACKAGES[@]}"
+    say "packages installed in $(elapsed "$T0") s"
+fi
+T_CLUSTER=$(date +%s.%N)
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. munge: one munged serves both sides (its socket is a file on the shared filesystem).
+if [[ ! -s /etc/munge/munge.key ]]; then
+    quiet mungekey --create --keyfile=/etc/munge/munge.key
+fi
+chown munge:munge /etc/munge/munge.key
+chmod 0600 /etc/munge/munge.key
+install -d -o munge -g munge -m 0755 /run/munge
+if alive munged munged; then
+    :
+elif munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+    say "munged: already running, not started by this script (down.sh will leave it)"
+else
+    rm -f /run/munge/munged.pid
+    launch munged setpriv --reuid=munge --regid=munge --init-groups /usr/sbin/munged -F
+    wait_until 10 sh -c 'munge -n </dev/null | unmunge' ||
+        die "munged does not answer after 10 s" "$RUN/munged.out" /var/log/munge/munged.log
+    say "munged: started"
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Network: c1 is a network namespace behind a veth pair.
+[[ -e /run/netns/$NS ]] || quiet ip netns add "$NS"
+if ! ip link show "$LOGIN_IF" >/dev/null 2>&1; then
+    quiet ip link add "$LOGIN_IF" type veth peer name "$NODE_IF" netns "$NS"
+fi
+ip -n "$NS" link show "$NODE_IF" >/dev/null 2>&1 ||
+    die "$LOGIN_IF exists but its peer $NODE_IF is not in namespace $NS: run down.sh, then up.sh"
+ip -br addr show dev "$LOGIN_IF" | grep -qw "$LOGIN_ADDR/24" || quiet ip addr add "$LOGIN_ADDR/24" dev "$LOGIN_IF"
+ip -n "$NS" -br addr show dev "$NODE_IF" | grep -qw "$NODE_ADDR/24" ||
+    quiet ip -n "$NS" addr add "$NODE_ADDR/24" dev "$NODE_IF"
+quiet ip link set "$LOGIN_IF" up
+quiet ip -n "$NS" link set "$NODE_IF" up
+quiet ip -n "$NS" link set lo up
+link_up() { [[ $(cat "/sys/class/net/$LOGIN_IF/operstate") == up ]] && ip -n "$NS" -br link show "$NODE_IF" | grep -qw UP; }
+wait_until 5 link_up || die "the veth pair $LOGIN_IF/$NODE_IF is not up after 5 s"
+
+set_marked_lines /etc/hosts <<EOF
+$NODE_ADDR $NODE $MARK
+$LOGIN_ADDR spunnel-login $MARK
+EOF
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Slurm configuration
+have_cgroup_v1() {
+    local c
+    for c in freezer cpuset memory; do
+        awk -v mp="/sys/fs/cgroup/$c" -v c="$c" \
+            '$2 == mp && $3 == "cgroup" && ("," $4 ",") ~ ("," c ",") { found = 1 } END { exit !found }' \
+            /proc/mounts || return 1
+    done
+}
+if [[ ${SPUNNEL_PROCTRACK:-} != linuxproc ]] && have_cgroup_v1; then
+    PROCTRACK=cgroup
+    plugins="ProctrackType=proctrack/cgroup
+TaskPlugin=task/cgroup"
+else
+    [[ ${SPUNNEL_PROCTRACK:-} == linuxproc ]] || say "cgroup v1 freezer/cpuset/memory not mounted under /sys/fs/cgroup"
+    PROCTRACK=linuxproc
+    plugins="ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none"
+fi
+
+install -d -o slurm -g slurm -m 0755 /var/spool/slurmctld /var/log/slurm
+install -d -o root -g root -m 0755 "/var/spool/slurmd-$NODE"
+slurm_changed=false
+write_if_changed /etc/slurm/slurm.conf 0644 <<EOF && slurm_changed=true
+# Written by tests/cluster/up.sh (spunnel-jupyter test cluster); rewritten on every run.
+ClusterName=spunnel
+SlurmctldHost=$LOGIN_HOST($LOGIN_ADDR)
+SlurmUser=slurm
+AuthType=auth/munge
+CryptoType=crypto/munge
+MpiDefault=none
+SwitchType=switch/none
+$plugins
+StateSaveLocation=/var/spool/slurmctld
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdSpoolDir=/var/spool/slurmd-%n
+SlurmdPidFile=/run/slurmd-%n.pid
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
+# The node declares more cores than this machine has, so that many one-CPU jobs can run at once.
+SlurmdParameters=config_overrides
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=500
+MailProg=/bin/true
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+KillWait=5
+MinJobAge=300
+ReturnToService=2
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=60
+
+NodeName=$NODE NodeAddr=$NODE_ADDR Sockets=1 CoresPerSocket=$NODE_CORES ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN
+PartitionName=interact Nodes=$NODE Default=YES MaxTime=8:00:00 State=UP
+PartitionName=debug Nodes=$NODE MaxTime=1:00:00 State=UP
+EOF
+write_if_changed /etc/slurm/cgroup.conf 0644 <<EOF && slurm_changed=true
+# Written by tests/cluster/up.sh (spunnel-jupyter test cluster).
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+CgroupAutomount=no
+ConstrainCores=no
+ConstrainRAMSpace=no
+ConstrainDevices=no
+EOF
+if $slurm_changed; then
+    say "slurm configuration written (proctrack/$PROCTRACK)"
+    stop slurmd
+    stop slurmctld
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. slurmctld (login side) and slurmd (inside c1)
+if ! alive slurmctld slurmctld; then
+    stop slurmctld
+    launch slurmctld /usr/sbin/slurmctld -D
+    say "slurmctld: started"
+fi
+wait_until 20 sh -c 'scontrol ping | grep -q "is UP"' ||
+    die "slurmctld does not answer after 20 s" "$RUN/slurmctld.out" /var/log/slurm/slurmctld.log
+
+if ! alive slurmd slurmd || ! in_c1 "$(pid_of slurmd)"; then
+    stop slurmd
+    # Not `ip netns exec`: it remounts /sys, hiding /sys/fs/cgroup from slurmd (TESTBED.md).
+    launch slurmd nsenter --net="/run/netns/$NS" unshare --uts \
+        sh -c "hostname $NODE && exec /usr/sbin/slurmd -D -N $NODE"
+    say "slurmd ($NODE): started"
+fi
+
+node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null; }
+node_ready() { [[ $(node_state) =~ ^(idle|mix|alloc)$ ]]; }
+if ! node_ready; then
+    # A node that failed registration shows as drain/down with a reason; say it instead of timing out blind.
+    deadline=$(($(date +%s) + 30))
+    until node_ready; do
+        if (($(date +%s) >= deadline)); then
+            die "node $NODE is not idle after 30 s: $(sinfo -h -n "$NODE" -o '%t %E' 2>&1)" \
+                "$RUN/slurmd.out" "/var/log/slurm/slurmd-$NODE.log" /var/log/slurm/slurmctld.log
+        fi
+        alive slurmd slurmd || die "slurmd exited" "$RUN/slurmd.out" "/var/log/slurm/slurmd-$NODE.log"
+        sleep 0.1
+    done
+fi
+T_IDLE=$(date +%s.%N)
+state=$(node_state)
+cpus=$(sinfo -h -n "$NODE" -o %c)
+[[ $cpus == "$NODE_CORES" ]] ||
+    die "node $NODE registered $cpus CPUs, expected $NODE_CORES (SlurmdParameters=config_overrides not honoured?)"
+# on_node USER WHAT CMD...: run CMD in a one-CPU job on the node as USER, output in $out. Status 2 when the
+# node has no room for even that right now: tests may keep it busy, which is no fault of the cluster.
+on_node() {
+    local user=$1 what=$2 rc=0
+    shift 2
+    if [[ $state == alloc ]]; then
+        say "node $NODE fully allocated by running jobs: skipping $what"
+        return 2
+    fi
+    out=$(cd / && exec runuser -u "$user" -- timeout 60 srun -p interact --immediate=10 -t 1 "$@" 2>&1) || rc=$?
+    if ((rc)) && [[ $out == *"Requested nodes are busy"* ]]; then
+        say "node $NODE busy with running jobs: skipping $what"
+        return 2
+    fi
+    ((rc == 0)) || die "$what failed (as $user, srun -p interact $*): $out" "/var/log/slurm/slurmd-$NODE.log"
+}
+if on_node root "the srun check" hostname; then
+    [[ $out == "$NODE" ]] || die "srun -p interact hostname printed '$out', expected '$NODE'"
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Users, each with its own key. A locked password ("!") makes sshd with UsePAM no refuse even key logins.
+for u in "${USERS[@]}"; do
+    getent passwd "$u" >/dev/null || quiet useradd -m -s /bin/bash "$u"
+    [[ $(getent shadow "$u" | cut -d: -f2) == '*' ]] || quiet usermod -p '*' "$u"
+    home=$(getent passwd "$u" | cut -d: -f6)
+    install -d -o "$u" -g "$u" -m 0700 "$home/.ssh"
+    if [[ ! -s $home/.ssh/id_ed25519 || ! -s $home/.ssh/id_ed25519.pub ]]; then
+        rm -f "$home/.ssh/id_ed25519" "$home/.ssh/id_ed25519.pub"
+        quiet runuser -u "$u" -- ssh-keygen -q -t ed25519 -N '' -C "$u@spunnel-test" -f "$home/.ssh/id_ed25519"
+    fi
+    pub=$(cat "$home/.ssh/id_ed25519.pub")
+    touch "$home/.ssh/authorized_keys"
+    grep -qxF -- "$pub" "$home/.ssh/authorized_keys" || printf '%s\n' "$pub" >>"$home/.ssh/authorized_keys"
+    chown "$u:$u" "$home/.ssh/authorized_keys" "$home/.ssh/id_ed25519" "$home/.ssh/id_ed25519.pub"
+    chmod 0600 "$home/.ssh/authorized_keys" "$home/.ssh/id_ed25519"
+    chmod go-w "$home"
+done
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Two sshds, each with its own config and host key.
+install -d -m 0755 /run/sshd
+sshd_conf() { # sshd_conf NAME LISTEN...
+    local name=$1 a
+    shift
+    echo "# Written by tests/cluster/up.sh (spunnel-jupyter test cluster)."
+    for a in "$@"; do echo "ListenAddress $a"; done
+    cat <<EOF
+HostKey $ETC/ssh_host_ed25519_key.$name
+PidFile none
+PubkeyAuthentication yes
+AuthorizedKeysFile .ssh/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin no
+AllowTcpForwarding yes
+AllowStreamLocalForwarding yes
+StreamLocalBindUnlink yes
+MaxSessions 50
+MaxStartups 100
+UseDNS no
+PrintMotd no
+X11Forwarding no
+Subsystem sftp internal-sftp
+EOF
+}
+# port_owner NETNS|- ADDR:PORT: who holds that listening TCP socket ("users:((...))"), or "nobody".
+port_owner() {
+    local pre=()
+    [[ $1 == - ]] || pre=(nsenter --net="/run/netns/$1")
+    "${pre[@]}" ss -Hltnp "src ${2%:*} and sport = :${2##*:}" | grep -o 'users:.*' || echo nobody
+}
+# sshd_listens NAME NETNS|- ADDR:PORT...: the sshd recorded as NAME itself holds every listening socket (a
+# port held by some other process, or an sshd that could bind only some of its addresses, does not count).
+sshd_listens() {
+    local name=$1 netns=$2 pid a
+    shift 2
+    pid=$(pid_of "$name")
+    for a in "$@"; do
+        port_owner "$netns" "$a" | grep -q "pid=$pid," || return 1
+    done
+}
+# ensure_sshd SIDE NETNS|- ADDR:PORT...: a healthy sshd for SIDE, started (or restarted) when needed.
+ensure_sshd() {
+    local side=$1 netns=$2 name=sshd-$1 a held=""
+    shift 2
+    if alive "$name" sshd && { [[ $netns == - ]] || in_c1 "$(pid_of "$name")"; } &&
+        sshd_listens "$name" "$netns" "$@"; then
+        return 0
+    fi
+    stop "$name"
+    if [[ $netns == - ]]; then
+        launch "$name" /usr/sbin/sshd -D -e -f "$ETC/sshd_config.$side"
+    else
+        launch "$name" nsenter --net="/run/netns/$netns" unshare --uts \
+            sh -c "hostname $NODE && exec /usr/sbin/sshd -D -e -f $ETC/sshd_config.$side"
+    fi
+    if ! wait_until 10 sshd_listens "$name" "$netns" "$@"; then
+        for a in "$@"; do held+=" $a held by $(port_owner "$netns" "$a");"; done
+        die "sshd ($side) is not listening on all of $* after 10 s:$held" "$RUN/$name.out"
+    fi
+    say "sshd ($side, $*): started"
+}
+for side in c1 login; do
+    key=$ETC/ssh_host_ed25519_key.$side
+    [[ -s $key && -s $key.pub ]] || { rm -f "$key" "$key.pub"; quiet ssh-keygen -q -t ed25519 -N '' -C "sshd-$side@spunnel-test" -f "$key"; }
+    if [[ $side == c1 ]]; then
+        sshd_conf c1 "$NODE_ADDR:22" | write_if_changed "$ETC/sshd_config.c1" 0644 && stop sshd-c1
+    else
+        sshd_conf login "$LOGIN_ADDR:22" "127.0.0.1:$SSHD_LOGIN_PORT" |
+            write_if_changed "$ETC/sshd_config.login" 0644 && stop sshd-login
+    fi
+    quiet /usr/sbin/sshd -t -f "$ETC/sshd_config.$side"
+done
+ensure_sshd c1 "$NS" "$NODE_ADDR:22"
+ensure_sshd login - "$LOGIN_ADDR:22" "127.0.0.1:$SSHD_LOGIN_PORT"
+
+read -r c1_type c1_key _ <"$ETC/ssh_host_ed25519_key.c1.pub"
+read -r lg_type lg_key _ <"$ETC/ssh_host_ed25519_key.login.pub"
+touch /etc/ssh/ssh_known_hosts
+set_marked_lines /etc/ssh/ssh_known_hosts <<EOF
+$NODE,$NODE_ADDR $c1_type $c1_key $MARK
+spunnel-login,$LOGIN_ADDR $lg_type $lg_key $MARK
+[127.0.0.1]:$SSHD_LOGIN_PORT $lg_type $lg_key $MARK
+EOF
+
+out=$(cd / && runuser -u "${USERS[0]}" -- timeout 20 ssh -o BatchMode=yes "$NODE" hostname 2>&1) ||
+    die "ssh -o BatchMode=yes $NODE hostname as ${USERS[0]} failed: $out"
+[[ $out == "$NODE" ]] || die "ssh $NODE hostname as ${USERS[0]} printed '$out', expected '$NODE'"
+out=$(cd / && runuser -u "${USERS[1]}" -- timeout 20 ssh -o BatchMode=yes -p "$SSHD_LOGIN_PORT" 127.0.0.1 hostname 2>&1) ||
+    die "ssh to the login sshd (127.0.0.1:$SSHD_LOGIN_PORT) as ${USERS[1]} failed: $out"
+[[ $out == "$LOGIN_HOST" ]] || die "ssh to the login sshd printed '$out', expected '$LOGIN_HOST'"
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Python environment shared by both sides. Built from /usr/bin/python3: jobs run as normal users cannot
+# execute a Python under /root (pyenv). A regular (non-editable) install, so the checkout's location and
+# permissions do not matter; to pick up code changes, re-run up.sh.
+readonly HAVE_MODULES='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in sys.argv[1:]))'
+pip() { quiet env -u PYTHONPATH -u PYTHONHOME "$VENV/bin/pip" "$@"; }
+if [[ ! -x $VENV/bin/python ]] || ! grep -qx 'home = /usr/bin' "$VENV/pyvenv.cfg" 2>/dev/null; then
+    say "creating $VENV from /usr/bin/python3"
+    rm -rf "$VENV" "$VENV_ROOT/.deps-hash" "$VENV_ROOT/.src-hash"
+    install -d -m 0755 "$VENV_ROOT"
+    quiet /usr/bin/python3 -m venv "$VENV"
+    pip install --upgrade pip
+fi
+deps_hash=$(sha256sum <"$REPO/pyproject.toml" | cut -d' ' -f1)
+# What goes into the wheel: everything but VCS data, tests and caches.
+src_hash=$(cd "$REPO" && find . \( -name .git -o -path ./tests -o -name node_modules -o -name __pycache__ \
+    -o -name '.*_cache' -o -name build -o -name dist -o -name '*.egg-info' \) -prune -o -type f -print0 |
+    LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1)
+venv_changed=false
+project_ok=true
+PROJECT_LOG=$RUN/project-install.log
+if [[ ${SPUNNEL_SKIP_PROJECT:-} == 1 && $(cat "$RUN/project-failed" 2>/dev/null) == "$deps_hash $src_hash" ]]; then
+    project_ok=false # this very source already failed to install during this boot; do not retry
+elif [[ $(cat "$VENV_ROOT/.deps-hash" 2>/dev/null) != "$deps_hash" ]]; then
+    say "installing the project with its [node,test] extras into $VENV (dependencies changed)"
+    if env -u PYTHONPATH "$VENV/bin/pip" install "${REPO}[node,test]" >"$PROJECT_LOG" 2>&1; then
+        echo "$deps_hash" >"$VENV_ROOT/.deps-hash"
+        echo "$src_hash" >"$VENV_ROOT/.src-hash"
+    else
+        project_ok=false
+    fi
+    venv_changed=true
+elif [[ $(cat "$VENV_ROOT/.src-hash" 2>/dev/null) != "$src_hash" ]]; then
+    say "reinstalling the project into $VENV (sources changed)"
+    if env -u PYTHONPATH "$VENV/bin/pip" install --no-deps --force-reinstall "$REPO" >"$PROJECT_LOG" 2>&1; then
+        echo "$src_hash" >"$VENV_ROOT/.src-hash"
+    else
+        project_ok=false
+    fi
+    venv_changed=true
+fi
+if ! $project_ok; then
+    if [[ ${SPUNNEL_SKIP_PROJECT:-} != 1 ]]; then
+        die "pip install of the project from $REPO failed (SPUNNEL_SKIP_PROJECT=1 carries on without it)" \
+            "$PROJECT_LOG"
+    fi
+    say "WARNING: the project from $REPO does not install (log: $PROJECT_LOG); SPUNNEL_SKIP_PROJECT=1, carrying on without it"
+    echo "$deps_hash $src_hash" >"$RUN/project-failed"
+    if ! "$VENV/bin/python" -c "$HAVE_MODULES" jupyterlab ipykernel jupyter_server 2>/dev/null; then
+        pip install jupyterlab ipykernel jupyter_server
+    fi
+fi
+if $venv_changed; then
+    chmod -R a+rX "$VENV_ROOT"
+fi
+if [[ -x $VENV/bin/spunnel-notebook ]]; then
+    ln -sfn "$VENV/bin/spunnel-notebook" /usr/local/bin/spunnel-notebook
+elif [[ -L /usr/local/bin/spunnel-notebook ]]; then
+    rm -f /usr/local/bin/spunnel-notebook
+fi
+# Importing jupyterlab takes ~2.5 s (rfc3987_syntax builds a parser at import time), so the full import check
+# runs once per venv content per boot; an unchanged venv on a re-run only gets a cheap lookup.
+check='import ipykernel, jupyterlab'
+stamp="$deps_hash $src_hash $project_ok"
+if [[ $(cat "$RUN/venv-checked" 2>/dev/null) == "$stamp" ]]; then
+    check="$HAVE_MODULES"
+fi
+# Both sides at once: each import is CPU-bound and there are two cores.
+(cd / && exec runuser -u "${USERS[0]}" -- "$VENV/bin/python" -c "$check" ipykernel jupyterlab) >"$RUN/check-login.out" 2>&1 &
+login_check=$!
+rc=0
+on_node "${USERS[0]}" "the venv check on $NODE" "$VENV/bin/python" -c "$check" ipykernel jupyterlab || rc=$?
+wait "$login_check" ||
+    die "as ${USERS[0]} on the login side, $VENV/bin/python -c '$check' failed: $(cat "$RUN/check-login.out")"
+((rc)) || echo "$stamp" >"$RUN/venv-checked"
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. What the tests read.
+write_if_changed "$RUN/cluster.env" 0644 <<EOF || true
+PROCTRACK=$PROCTRACK
+LOGIN_HOST=$LOGIN_HOST
+LOGIN_ADDR=$LOGIN_ADDR
+NODE=$NODE
+NODE_ADDR=$NODE_ADDR
+NODE_CPUS=$NODE_CORES
+PARTITIONS=interact,debug
+USERS=$(IFS=,; echo "${USERS[*]}")
+VENV=$VENV
+SSHD_LOGIN_PORT=$SSHD_LOGIN_PORT
+PROJECT_INSTALLED=$($project_ok && [[ -f $VENV_ROOT/.src-hash ]] && echo 1 || echo 0)
+EOF
+
+# ---------------------------------------------------------------------------------------------------------
+# 10. Summary
+say "cluster up: controller $LOGIN_HOST ($LOGIN_ADDR), node $NODE ($NODE_ADDR, $cpus CPUs, $state)," \
+    "partitions interact (default) and debug, proctrack/$PROCTRACK"
+say "sshd: $NODE:22, $LOGIN_ADDR:22, 127.0.0.1:$SSHD_LOGIN_PORT; users: ${USERS[*]}; venv: $VENV"
+say "settings for tests: $RUN/cluster.env; log: $LOG"
+say "elapsed: $(elapsed "$T0") s total, $(awk -v a="$T_CLUSTER" -v b="$T_IDLE" 'BEGIN { printf "%.1f", b - a }') s from after packages to node ready"
