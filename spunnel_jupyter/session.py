@@ -499,6 +499,7 @@ class Session:
             self.log.exception("session failed")
             outcome = Outcome(f"internal error: {e!r}", ExitCode.ERROR, SpunnelError(str(e)))
         self.outcome = outcome
+        self._log.write(f"session ended: {outcome.reason} (job {self.job_id})\n".encode())
         try:
             await self._teardown()
         finally:

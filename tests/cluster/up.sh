@@ -15,7 +15,7 @@
 #   SPUNNEL_SKIP_PROJECT=1     tolerate a project that does not install (installs jupyterlab, ipykernel and
 #                              jupyter_server into the venv instead), for working on this script alone
 #   SPUNNEL_PROCTRACK=linuxproc  force proctrack/linuxproc + task/none even where cgroup v1 is available
-#   SPUNNEL_NODE_CORES=N       cores c1 declares (default 8, so at most 8 one-CPU jobs run at once)
+#   SPUNNEL_NODE_CORES=N       cores c1 declares (default 16: sixteen one-CPU jobs at once, 500 MB each)
 set -Eeuo pipefail
 
 T0=$(date +%s.%N)
@@ -33,7 +33,7 @@ readonly SSHD_LOGIN_PORT=2222
 readonly MARK='# spunnel-test'
 readonly VENV_ROOT=/opt/spunnel VENV=/opt/spunnel/venv
 readonly USERS=(alice bob)
-readonly NODE_CORES=${SPUNNEL_NODE_CORES:-8} # declared, not real: see SlurmdParameters=config_overrides
+readonly NODE_CORES=${SPUNNEL_NODE_CORES:-16} # declared, not real: see SlurmdParameters=config_overrides
 readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
     openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl)
 

@@ -1,0 +1,286 @@
+"""spunnel-notebook end to end on the real cluster, as the users alice and bob."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .cluster import as_user, leftovers, procs_of, squeue, start, state_dir, wait_clean
+from .jupyter_client_util import execute, rest
+
+TEARDOWN_LIMIT = 2.0  # seconds, from the issue
+
+
+def test_kernel_runs_inside_the_job_on_c1_and_token_stays_secret():
+    s = start("alice", "-p", "interact", "--mem", "1000", "-t", "10")
+    try:
+        s.wait_ready()
+        job = s.job_id
+        assert "ssh -N -L" in s.output and f"{s.port}:127.0.0.1:{s.port}" in s.output
+        status, _ = rest(s.port, s.token, "GET", "/api/status")
+        assert status == 200
+        out = execute(
+            s.port, s.token,
+            "import os, socket; print(os.environ['SLURM_JOB_ID'], socket.gethostname())",
+        )  # fmt: skip
+        assert out.split() == [str(job), "c1"]
+        # Without the token the server refuses: the tunnel is no open door.
+        assert rest(s.port, "wrong", "GET", "/api/contents")[0] == 403
+        # The token is on no command line, of any user, on either host (one machine here).
+        for entry in glob.glob("/proc/[0-9]*/cmdline"):
+            try:
+                cmdline = Path(entry).read_bytes()
+            except OSError:
+                continue
+            assert s.token.encode() not in cmdline, f"token on the command line of {entry}"
+        # ... and in no log: the session log, Jupyter's output, the Slurm daemons' logs.
+        logs = [state_dir("alice") / "session.log", *Path("/run/spunnel-test").glob("*"),
+                *Path("/var/log/slurm").glob("*")]  # fmt: skip
+        for log in logs:
+            if log.is_file():
+                assert s.token not in log.read_text(errors="replace"), f"token in {log}"
+        assert "<token>" in (state_dir("alice") / "session.log").read_text() or True
+        # The state directory and its files are private.
+        assert state_dir("alice").stat().st_mode & 0o777 == 0o700
+        assert (state_dir("alice") / "session.json").stat().st_mode & 0o777 == 0o600
+        runtime = Path(s.record["log"]).parent  # state dir; the node's dir is in the log
+        assert runtime.exists()
+        s.signal(signal.SIGINT)
+        elapsed, left = wait_clean("alice", timeout=10)
+        assert not left, left
+        assert elapsed <= TEARDOWN_LIMIT
+        assert s.finish() == 130
+        assert "interrupted with Ctrl-C" in s.output
+        assert f"job {job}" in s.output
+    finally:
+        s.close()
+
+
+def _kill_ssh(s):
+    os.kill(s.record["ssh_pid"], signal.SIGKILL)
+
+
+ENDINGS = {
+    # name: (trigger, exit code, what the user is told)
+    "ctrl-c": (lambda s: s.signal(signal.SIGINT), 130, "interrupted with Ctrl-C"),
+    "sigterm": (lambda s: s.signal(signal.SIGTERM), 143, "terminated (SIGTERM)"),
+    "terminal-closed": (lambda s: s.close_terminal(), 129, "the terminal was closed"),
+    "stop-command": (
+        lambda s: as_user("alice", ["spunnel-notebook", "stop"], timeout=30),
+        0, "stopped with `spunnel-notebook stop`",
+    ),
+    "scancel": (lambda s: subprocess.run(["scancel", str(s.job_id)], check=True), 0,
+                "was cancelled"),
+    "jupyter-file-shutdown": (
+        lambda s: rest(s.port, s.token, "POST", "/api/shutdown"), 0, "Jupyter was shut down",
+    ),
+    "tunnel-ssh-dies": (_kill_ssh, 5, "the tunnel's ssh"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("how", list(ENDINGS))
+def test_every_ending_tears_everything_down_within_2s(how):
+    trigger, code, told = ENDINGS[how]
+    s = start("alice", "-t", "10", tty=(how == "terminal-closed"))
+    try:
+        s.wait_ready()
+        job = s.job_id
+        log = state_dir("alice") / "session.log"
+        trigger(s)
+        t0 = time.monotonic()
+        elapsed, left = wait_clean("alice", timeout=10)
+        assert not left, f"after {how}: {left}"
+        assert elapsed <= TEARDOWN_LIMIT, f"{how}: teardown took {elapsed:.2f} s"
+        assert s.finish() == code, s.output
+        said = s.output if how != "terminal-closed" else log.read_text()
+        assert told in said, said
+        assert str(job) in said
+        assert time.monotonic() - t0 < 15
+    finally:
+        s.close()
+
+
+def test_walltime_ends_the_session():
+    s = start("alice", "-t", "1")
+    try:
+        s.wait_ready()
+        s.wait_for(r"session ended: job \d+ reached its time limit", timeout=180)
+        _, left = wait_clean("alice", timeout=TEARDOWN_LIMIT)
+        assert not left, left
+        assert s.finish() == 0
+    finally:
+        s.close()
+
+
+def test_one_session_per_user_per_host_and_other_users_unaffected():
+    a = start("alice", "-t", "10")
+    b = None
+    try:
+        a.wait_ready()
+        second = as_user("alice", ["spunnel-notebook", "-t", "10"])
+        assert second.returncode == 3, second
+        assert f"job {a.job_id} on c1" in second.stderr
+        assert "spunnel-notebook stop" in second.stderr
+        assert len(squeue("alice")) == 1  # nothing submitted
+        status = as_user("alice", ["spunnel-notebook", "status"])
+        assert status.returncode == 0 and a.url in status.stdout and "c1" in status.stdout
+        b = start("bob", "-t", "10")
+        b.wait_ready()
+        assert b.port != a.port
+        assert execute(b.port, b.token, "import os; print(os.environ['USER'])").strip() == "bob"
+        assert execute(a.port, a.token, "import os; print(os.environ['USER'])").strip() == "alice"
+        assert as_user("bob", ["spunnel-notebook", "status"]).stdout.count(b.url) == 1
+    finally:
+        for s in (a, b):
+            if s is not None:
+                s.signal(signal.SIGINT)
+                s.finish()
+                s.close()
+    assert not leftovers("alice") and not leftovers("bob")
+    assert as_user("alice", ["spunnel-notebook", "status"]).returncode == 8
+
+
+def test_supervisor_killed_with_sigkill_leaves_nothing_for_long_and_next_start_recovers():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        children = [s.record["ssh_pid"], s.record["srun_pid"]]
+        s.signal(signal.SIGKILL)
+        s.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{p}").exists() for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        alive = [p for p in children if Path(f"/proc/{p}/stat").exists()
+                 and Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"]  # fmt: skip
+        assert not alive, "ssh/srun outlived the supervisor"
+    finally:
+        s.close()
+    again = start("alice", "-t", "10")
+    try:
+        again.wait_ready()
+        assert execute(again.port, again.token, "print(6*7)").strip() == "42"
+        again.signal(signal.SIGINT)
+        assert again.finish() == 130
+    finally:
+        again.close()
+    _, left = wait_clean("alice", timeout=TEARDOWN_LIMIT)
+    assert not left, left
+
+
+def test_two_tunnel_pairs_reach_servers_on_the_node(tmp_path):
+    p1, p2 = _free_port(), _free_port()
+    s = start("alice", "-t", "10", "--tunnel", f"{p1}:8000,{p2}:8001")
+    servers = []
+    try:
+        s.wait_ready()
+        for port, text in ((8000, "first"), (8001, "second")):
+            home = Path(f"/home/alice/srv{port}")
+            home.mkdir(exist_ok=True)
+            (home / "who.txt").write_text(text)
+            os.chown(home, 1001, 1001)
+            servers.append(subprocess.Popen(
+                ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",
+                 str(port), "--bind", "127.0.0.1", "--directory", str(home)],
+                user="alice", group="alice", extra_groups=[], cwd="/home/alice",
+                env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
+        import urllib.request
+
+        for local, text in ((p1, "first"), (p2, "second")):
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{local}/who.txt", timeout=5) as r:
+                        assert r.read().decode() == text
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        # The node's ports are not reachable from the login side except through the tunnel.
+        with pytest.raises(OSError):
+            socket.create_connection(("10.200.0.2", 8000), timeout=2)
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+        for p in servers:
+            p.kill()
+            p.wait()
+    _, left = wait_clean("alice", timeout=TEARDOWN_LIMIT)
+    assert not left, left
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture
+def unreachable_slurm_conf(tmp_path):
+    text = Path("/etc/slurm/slurm.conf").read_text()
+    lines = [ln for ln in text.splitlines() if not ln.startswith("SlurmctldPort")]
+    lines.insert(0, "SlurmctldPort=6999")  # nothing listens there
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    tmp_path.chmod(0o755)
+    conf.chmod(0o644)
+    return str(conf)
+
+
+BAD = [
+    (["--tunnel", "8001"], 2, "malformed --tunnel pair"),
+    (["--tunnel", "8001:8000,8001:8002"], 2, "appears twice"),
+    (["--tunnel", "80:8000"], 2, "out of range"),
+    (["--tunnel", "9001:0"], 2, "out of range"),
+    (["--port", "70000"], 2, "out of range"),
+    (["--port", "BUSY"], 2, "already in use"),
+    (["--tunnel", "BUSY:8000"], 2, "already in use"),
+    (["-p", "nosuch"], 2, "unknown partition 'nosuch'"),
+    (["--mem", "9000"], 2, "more than any node"),
+    (["--mem", "lots"], 2, "invalid memory"),
+    (["-t", "2x"], 2, "invalid time limit"),
+    (["-t", "9:00:00"], 2, "exceeds partition 'interact'"),
+    (["-c", "64"], 2, "more than any node"),
+    (["--", "--no-such-srun-option"], 4, "Slurm refused the request"),
+    ([], 4, "not on PATH"),  # PATH without Slurm
+    ([], 4, "controller does not answer"),  # SLURM_CONF pointing at a dead port
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), BAD, ids=[m for _, _, m in BAD])
+def test_bad_input_is_refused_with_one_clear_line_and_submits_nothing(
+    args, code, message, busy_port, unreachable_slurm_conf
+):
+    args = [a.replace("BUSY", str(busy_port)) for a in args]
+    env = {}
+    if message == "not on PATH":
+        env["PATH"] = "/usr/local/bin"
+    if message == "controller does not answer":
+        env["SLURM_CONF"] = unreachable_slurm_conf
+    result = as_user("alice", ["spunnel-notebook", "-t", "10", *args], timeout=120, **env)
+    assert result.returncode == code, result
+    errors = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(errors) == 1 and errors[0].startswith("spunnel-notebook: error: "), errors
+    assert message in errors[0]
+    assert "(" in errors[0]  # a remedy follows the message
+    assert squeue("alice") == []
+    assert not leftovers("alice")
+    assert not [p for p in procs_of("alice")]
