@@ -200,6 +200,8 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         ticker.cancel()
     if outcome.error is not None:
         console.error(outcome.error)
+        if session.job_id is None:
+            return outcome.exit_code  # refused before a job existed: nothing was left to end
     job = f"job {session.job_id} " if session.job_id else ""
     console.say(
         f"{PROG}: session ended: {outcome.reason}; {job}gone from the queue, tunnel closed "
@@ -279,7 +281,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    code = _main(sys.argv[1:] if argv is None else argv)
+    # The terminal may be gone (SIGHUP): the final flush must not turn our exit code into 120.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    args = parse(argv)
     console = Console()
     try:
         manager = make_manager(args.debug)

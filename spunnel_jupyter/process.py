@@ -19,11 +19,11 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec: SIGTERM us when the parent thread dies."""
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _die_with_parent(parent: int, sig: int) -> None:
+    """Runs in the child between fork and exec: send us ``sig`` when the parent thread dies."""
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
 
 
 async def spawn(
@@ -33,8 +33,9 @@ async def spawn(
     stdout: int | None = asyncio.subprocess.PIPE,
     stderr: int | None = asyncio.subprocess.PIPE,
     env: dict[str, str] | None = None,
+    death_signal: int = signal.SIGTERM,
 ) -> asyncio.subprocess.Process:
-    """Start a supervised child in its own session that dies with us."""
+    """Start a supervised child in its own session that gets ``death_signal`` when we die."""
     parent = os.getpid()
     return await asyncio.create_subprocess_exec(
         *argv,
@@ -43,7 +44,7 @@ async def spawn(
         stderr=stderr,
         env=env,
         start_new_session=True,
-        preexec_fn=lambda: _die_with_parent(parent),
+        preexec_fn=lambda: _die_with_parent(parent, death_signal),
     )
 
 
@@ -70,12 +71,13 @@ async def run(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None
 
 
 async def stop(
-    proc: asyncio.subprocess.Process, *, grace: float, first: int = signal.SIGTERM
+    proc: asyncio.subprocess.Process, *, grace: float, first: int | None = signal.SIGTERM
 ) -> int:
-    """Signal ``proc`` (``first``, then SIGKILL after ``grace`` seconds) and reap it."""
+    """Signal ``proc`` (``first``, or nothing if None), SIGKILL it after ``grace`` s; reap it."""
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(first)
+        if first is not None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(first)
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except asyncio.TimeoutError:
@@ -87,7 +89,7 @@ async def stop(
 
 
 def start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if it is gone.
+    """The kernel's start time of ``pid`` (clock ticks since boot); None if gone or a zombie.
 
     A pid together with its start time names a process unambiguously, even after pid reuse.
     """
@@ -97,8 +99,10 @@ def start_time(pid: int) -> int | None:
     except OSError:
         return None
     # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    return int(stat.rsplit(b")", 1)[1].split()[19])
+    fields = stat.rsplit(b")", 1)[1].split()
+    return None if fields[0] == b"Z" else int(fields[19])
 
 
 def alive(pid: int | None, started: int | None) -> bool:
+    """True if the process ``pid`` that started at ``started`` still runs (not a zombie)."""
     return bool(pid) and started is not None and start_time(pid) == started  # type: ignore[arg-type]

@@ -46,7 +46,15 @@ from .errors import (
     UsageError,
 )
 from .launcher import EVENT_PREFIX
-from .slurm import JobRequest, JobState, SlurmCLI, parse_mem_mb, parse_time_limit
+from .slurm import (
+    JobRequest,
+    JobState,
+    SlurmCLI,
+    classify_error,
+    format_duration,
+    parse_mem_mb,
+    parse_time_limit,
+)
 from .state import StateDir, hostname
 from .tunnel import PortPair, SshTunnel, Tunnel, check_port
 
@@ -227,8 +235,6 @@ class SpunnelManager(LoggingConfigurable):
         if job.time and part.max_time is not None:
             limit = parse_time_limit(job.time)
             if limit is None or limit > part.max_time:
-                from .slurm import format_duration
-
                 raise UsageError(
                     f"time limit {job.time} exceeds partition {part.name!r}'s maximum "
                     f"{format_duration(part.max_time)}",
@@ -281,22 +287,23 @@ class SpunnelManager(LoggingConfigurable):
         """
         record = state.read()
         notes: list[str] = []
+        if record is None:
+            return notes  # the record is written before srun starts and removed last
         # Jobs this tool submitted from this host; with the lock ours, none has a live owner.
         tag = f"{COMMENT_PREFIX}:{hostname()}:"
         for job_id, comment, job_state in await self.slurm.my_jobs():
             if comment.startswith(tag) and job_state.active:
                 await self.slurm.cancel(job_id)
                 notes.append(f"cancelled job {job_id} left by an earlier session")
-        if record is not None:
-            for what in ("ssh", "srun"):
-                pid, started = record.get(f"{what}_pid"), record.get(f"{what}_start")
-                if process.alive(pid, started):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    notes.append(f"stopped a leftover {what} (pid {pid})")
-            state.remove(CONTROL_PATH, CONTROL, "session.json")
-            if not notes:
-                notes.append("removed the record of a session whose supervisor died")
+        for what in ("ssh", "srun"):
+            pid, started = record.get(f"{what}_pid"), record.get(f"{what}_start")
+            if process.alive(pid, started):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                notes.append(f"stopped a leftover {what} (pid {pid})")
+        state.remove(CONTROL_PATH, CONTROL, "session.json")
+        if not notes:
+            notes.append("removed the record of a session whose supervisor died")
         return notes
 
     def status(self) -> dict[str, Any] | None:
@@ -393,6 +400,7 @@ class Session:
         self._node_ready_event = asyncio.Event()
         self._node_url_path = ""
         self._task: asyncio.Task[Outcome] | None = None
+        self._readers: list[asyncio.Future[None]] = []
         self._log: IO[bytes] = open(state.file(LOG), "wb", buffering=0)
         os.chmod(state.file(LOG), 0o600)
         self._control: asyncio.AbstractServer | None = None
@@ -461,7 +469,11 @@ class Session:
         self._save()  # before srun: a supervisor killed right now leaves enough to clean up
         self._log.write(f"$ {' '.join(argv)}\n".encode())
         try:
-            self.srun = await process.spawn(argv, stdin=asyncio.subprocess.PIPE)
+            # If we die, srun gets SIGUSR1 and forwards it to the launcher, which cleans up on the
+            # node and exits, ending the job. (srun turns SIGTERM into SIGKILL for its tasks.)
+            self.srun = await process.spawn(
+                argv, stdin=asyncio.subprocess.PIPE, death_signal=signal.SIGUSR1
+            )
         except FileNotFoundError as e:
             raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
         settings = {
@@ -484,11 +496,11 @@ class Session:
     async def _run(self) -> Outcome:
         assert self.srun is not None
         srun = self.srun
-        readers = [
+        self._readers = [
             asyncio.ensure_future(self._read_events(srun.stdout)),
             asyncio.ensure_future(self._read_srun_stderr(srun.stderr)),
-            asyncio.ensure_future(self._poll_job()),
         ]
+        readers = [*self._readers, asyncio.ensure_future(self._poll_job())]
         srun_exit = asyncio.ensure_future(srun.wait())
         stop = asyncio.ensure_future(self._stop.wait())
         try:
@@ -523,7 +535,7 @@ class Session:
                     assert self._stop_outcome is not None
                     return self._stop_outcome
                 if srun_exit.done():
-                    await asyncio.sleep(0.05)  # let the readers drain srun's last lines
+                    await asyncio.wait(self._readers, timeout=1)  # srun's last words
                     return await self._why_srun_ended(srun_exit.result())
                 if tunnel_exit is not None and tunnel_exit.done():
                     raise TunnelError(
@@ -646,8 +658,6 @@ class Session:
         said = " ".join(self._slurm_said)
         node = self._node_exit
         if self.job_id is None and code != 0 and "Unable to allocate" in said:
-            from .slurm import classify_error
-
             raise classify_error(said)
         if node.get("reason") == "error":
             raise JupyterError(
@@ -715,9 +725,10 @@ class Session:
                 with contextlib.suppress(SpunnelError):
                     await m.slurm.cancel(self.job_id)
             else:
-                # Not yet told the job id: srun revokes its own pending request on SIGTERM.
-                srun.send_signal(signal.SIGTERM)
-            await process.stop(srun, grace=m.stop_timeout)
+                # Not yet told the job id: srun revokes its own pending request on SIGUSR1.
+                srun.send_signal(signal.SIGUSR1)
+            # Cancelled, srun exits by itself once the launcher has cleaned up on the node.
+            await process.stop(srun, grace=m.stop_timeout, first=None)
         if self.job_id is None:  # srun may have been granted a job it never named
             tag = f"{COMMENT_PREFIX}:{hostname()}:{self.id}"
             for job_id, comment, _ in await m.slurm.my_jobs():

@@ -228,7 +228,10 @@ class SlurmCLI(LoggingConfigurable):
         try:
             result = await process.run(argv, timeout=self.timeout)
         except TimeoutError as e:
-            raise SlurmUnavailable(str(e), "the controller may be overloaded; try again") from e
+            raise SlurmUnavailable(
+                f"the Slurm controller does not answer ({name}: no answer in {self.timeout:g} s)",
+                "try again in a minute; if it persists, tell your administrators",
+            ) from e
         self.log.debug("%s -> %s %s", " ".join(argv), result.returncode, result.stderr.strip())
         return result
 

@@ -77,7 +77,7 @@ def as_user(user: str, argv: list[str], timeout: float = 60, **env: str) -> subp
 def squeue(user: str) -> list[str]:
     out = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i %T"], capture_output=True,
                          text=True, timeout=30, check=True)  # fmt: skip
-    return out.stdout.split("\n") if out.stdout.strip() else []
+    return out.stdout.splitlines()
 
 
 def procs_of(user: str) -> list[tuple[int, str]]:
