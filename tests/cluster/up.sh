@@ -35,7 +35,8 @@ readonly VENV_ROOT=/opt/spunnel VENV=/opt/spunnel/venv
 readonly USERS=(alice bob)
 readonly NODE_CORES=${SPUNNEL_NODE_CORES:-16} # declared, not real: see SlurmdParameters=config_overrides
 readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
-    openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl)
+    openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl
+    chromium fonts-dejavu-core)
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 readonly REPO
