@@ -61,7 +61,19 @@ from .tunnel import PortPair, SshTunnel, Tunnel, check_port
 CONTROL = "control.sock"
 CONTROL_PATH = "ctl"
 LOG = "session.log"
+LAST = "last.json"  # why the previous session ended (no secrets), for every front end
 COMMENT_PREFIX = "spunnel-jupyter"
+
+
+# Why a job ended, as the user is told.
+_ENDINGS = {
+    JobState.TIMEOUT: "reached its time limit",
+    JobState.CANCELLED: "was cancelled (scancel or Slurm)",
+    JobState.PREEMPTED: "was preempted",
+    JobState.NODE_FAIL: "lost its node (NODE_FAIL)",
+    JobState.OUT_OF_MEMORY: "ran out of memory",
+    JobState.DEADLINE: "reached its deadline",
+}
 
 
 class Phase(str, Enum):
@@ -313,6 +325,10 @@ class SpunnelManager(LoggingConfigurable):
         if not record or not state.is_locked():
             return None
         return record
+
+    def last_ended(self) -> dict[str, Any] | None:
+        """How the previous session on this host ended (phase, job, reason, times), if known."""
+        return self.state().read(LAST) or None
 
     async def stop_running(self, timeout: float | None = None) -> str:
         """Ask the running session (started by any front end) to end, and wait until it has."""
@@ -622,6 +638,7 @@ class Session:
 
     _QUEUED = re.compile(r"srun: job (\d+) queued and waiting for resources")
     _ALLOCATED = re.compile(r"srun: job (\d+) has been allocated resources")
+    _SLURM_SAYS = re.compile(r"(srun|slurmstepd)(-[\w.-]+)?: ")
 
     async def _read_srun_stderr(self, stream: asyncio.StreamReader | None) -> None:
         """srun's own messages (queue progress, errors) and Jupyter's log, masked on the node."""
@@ -635,7 +652,7 @@ class Session:
                 self.times.setdefault("running", time.time())
                 self._set(job_id=int(m.group(1)), job_state=JobState.RUNNING, reason="",
                           phase=Phase.STARTING)  # fmt: skip
-            elif line.startswith(("srun:", "slurmstepd:")):
+            elif self._SLURM_SAYS.match(line):
                 self._slurm_said.append(line)
 
     async def _poll_job(self) -> None:
@@ -671,15 +688,17 @@ class Session:
                 f"Jupyter exited on {self.node} with code {node.get('code')} before it was ready",
                 f"see {self.state.file(LOG)}",
             )
-        if "DUE TO TIME LIMIT" in said:
-            return Outcome(f"job {self.job_id} reached its time limit")
-        if "CANCELLED" in said or node.get("reason") == "signal":
-            who = "preempted" if "PREEMPTION" in said else "cancelled"
-            return Outcome(f"job {self.job_id} was {who} (scancel or Slurm)")
         if self.job_id is None:
             raise classify_error(said or f"srun exited with code {code}")
-        info = await self.manager.slurm.job(self.job_id)
-        return Outcome(f"job {self.job_id} ended ({info.state.value}; srun exit {code})")
+        state = (await self.manager.slurm.job(self.job_id)).state
+        if state not in _ENDINGS:  # the controller may lag or be away; Slurm's last words tell
+            if "DUE TO TIME LIMIT" in said:
+                state = JobState.TIMEOUT
+            elif "CANCELLED" in said or node.get("reason") == "signal":
+                state = JobState.CANCELLED
+        if state in _ENDINGS:
+            return Outcome(f"job {self.job_id} {_ENDINGS[state]}")
+        return Outcome(f"job {self.job_id} ended ({state.value}; srun exit {code})")
 
     # -- control socket ----------------------------------------------------------------------
     async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -747,6 +766,9 @@ class Session:
 
     def _finish(self) -> None:
         """Last step, always: remove the record and socket files, release the lock."""
+        self.phase = Phase.ENDED
+        with contextlib.suppress(OSError):
+            self.state.write(self.snapshot(), LAST)
         self.state.remove("session.json", CONTROL, CONTROL_PATH)
         self._log.close()
         self.state.unlock()

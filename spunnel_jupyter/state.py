@@ -126,9 +126,9 @@ class StateDir:
         return True
 
     # -- record ------------------------------------------------------------------------------
-    def read(self) -> dict[str, Any] | None:
+    def read(self, name: str = RECORD) -> dict[str, Any] | None:
         try:
-            with open(self.file(RECORD), encoding="utf-8") as f:
+            with open(self.file(name), encoding="utf-8") as f:
                 record = json.load(f)
         except FileNotFoundError:
             return None
@@ -136,13 +136,13 @@ class StateDir:
             return {}  # unreadable or torn: still a leftover to clean
         return record if isinstance(record, dict) else {}
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], name: str = RECORD) -> None:
         """Replace the record atomically (0600 temp file, fsync-free rename: tmpfs or local)."""
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".session.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.file(RECORD))
+            os.replace(tmp, self.file(name))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -1,0 +1,106 @@
+"""REST API of the server extension: thin handlers over ``SessionHub``. Every verb authenticated.
+
+    GET    spunnel/api/config           site defaults and the cluster's partitions (for the form)
+    GET    spunnel/api/session          the session (404 when none; "last" says how the last ended)
+    POST   spunnel/api/session          start one: 201; 400 bad input; 409 one runs; 503 no Slurm
+    DELETE spunnel/api/session          stop it: 204 once torn down
+    GET    spunnel/api/session/events   text/event-stream of the session view on every change
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.iostream import StreamClosedError
+
+from .errors import SpunnelError, UsageError
+from .extension import SessionHub
+
+KEEPALIVE = 15.0  # seconds between SSE comments, so proxies keep the stream open
+
+
+class SpunnelHandler(APIHandler):
+    @property
+    def hub(self) -> SessionHub:
+        return self.settings["spunnel_hub"]  # type: ignore[no-any-return]
+
+    def fail(self, err: SpunnelError) -> None:
+        self.set_status(err.http_status)
+        self.finish(json.dumps(err.to_json()))
+
+
+class ConfigHandler(SpunnelHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        manager = self.hub.manager
+        try:
+            partitions = await manager.slurm.partitions()
+        except SpunnelError as e:
+            return self.fail(e)
+        defaults = {name: getattr(manager, name)
+                    for name in ("partition", "mem", "time", "cpus_per_task", "ui")}  # fmt: skip
+        defaults["gpus"] = ""
+        self.finish(json.dumps({"defaults": defaults,
+                                "partitions": [p.to_json() for p in partitions]}))  # fmt: skip
+
+
+class SessionHandler(SpunnelHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        view = self.hub.current()
+        if view is None:
+            self.set_status(404)
+            return self.finish(json.dumps({"message": "no session", "last": self.hub.last()}))
+        self.finish(json.dumps(view))
+
+    @web.authenticated
+    async def post(self) -> None:
+        try:
+            body: Any = json.loads(self.request.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return self.fail(UsageError("the body must be a JSON object", "send application/json"))
+        try:
+            view = await self.hub.start(body)
+        except SpunnelError as e:
+            return self.fail(e)
+        self.set_status(201)
+        self.set_header("Location", url_path_join(self.base_url, "spunnel/api/session"))
+        self.finish(json.dumps(view))
+
+    @web.authenticated
+    async def delete(self) -> None:
+        try:
+            await self.hub.stop()
+        except SpunnelError as e:
+            return self.fail(e)
+        self.set_status(204)
+        self.finish()
+
+
+class EventsHandler(SpunnelHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        try:
+            async for view in self.hub.changes():
+                self.write(f"data: {json.dumps(view)}\n\n")
+                await self.flush()
+        except StreamClosedError:
+            pass  # the browser went away
+
+
+def handlers() -> list[tuple[str, type]]:
+    # Paths are relative to the server's base_url; ExtensionApp prefixes it.
+    return [
+        (r"/spunnel/api/config", ConfigHandler),
+        (r"/spunnel/api/session", SessionHandler),
+        (r"/spunnel/api/session/events", EventsHandler),
+    ]
