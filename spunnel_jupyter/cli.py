@@ -69,15 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
     jup.add_argument("--port", type=int, default=None, help="local port (default: a free one)")
     ui = jup.add_mutually_exclusive_group()
     ui.add_argument("--lab", dest="ui", action="store_const", const="lab", help="JupyterLab")
-    ui.add_argument("--notebook", dest="ui", action="store_const", const="notebook",
-                    help="Jupyter Notebook")  # fmt: skip
-    jup.add_argument("--tunnel", default="", metavar="SP:EP[,SP:EP...]",
-                     help="also forward login port SP to node port EP, like spunnel")  # fmt: skip
+    ui.add_argument(
+        "--notebook", dest="ui", action="store_const", const="notebook", help="Jupyter Notebook"
+    )
+    jup.add_argument(
+        "--tunnel",
+        default="",
+        metavar="SP:EP[,SP:EP...]",
+        help="also forward login port SP to node port EP, like spunnel",
+    )
     other = p.add_argument_group("other")
-    other.add_argument("--status", dest="command", action="store_const", const="status",
-                       help="same as the status command")  # fmt: skip
-    other.add_argument("--stop", dest="command", action="store_const", const="stop",
-                       help="same as the stop command")  # fmt: skip
+    other.add_argument(
+        "--status",
+        dest="command",
+        action="store_const",
+        const="status",
+        help="same as the status command",
+    )
+    other.add_argument(
+        "--stop",
+        dest="command",
+        action="store_const",
+        const="stop",
+        help="same as the stop command",
+    )
     other.add_argument("--json", action="store_true", help="status as JSON")
     other.add_argument("--debug", action="store_true", help="verbose log, tracebacks")
     other.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -143,12 +158,22 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
     from .tunnel import parse_port_pairs
 
     req = manager.request(
-        partition=args.partition, mem=args.mem, time=args.time, cpus_per_task=args.cpus_per_task,
-        gpus=args.gpus, gres=args.gres, account=args.account, qos=args.qos,
-        constraint=args.constraint, reservation=args.reservation, job_name=args.job_name,
-        extra=args.srun_extra, port=args.port, ui=args.ui or "",
+        partition=args.partition,
+        mem=args.mem,
+        time=args.time,
+        cpus_per_task=args.cpus_per_task,
+        gpus=args.gpus,
+        gres=args.gres,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        reservation=args.reservation,
+        job_name=args.job_name,
+        extra=args.srun_extra,
+        port=args.port,
+        ui=args.ui or "",
         tunnels=parse_port_pairs(args.tunnel) if args.tunnel else [],
-    )  # fmt: skip
+    )
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     holder: dict[str, Session] = {}

@@ -25,9 +25,19 @@ from .tunnel import parse_port_pairs
 
 # What a POST may set, and the type each field must have.
 _FIELDS: dict[str, type] = {
-    "partition": str, "mem": str, "time": str, "cpus_per_task": int, "gpus": str, "gres": str,
-    "account": str, "qos": str, "constraint": str, "reservation": str, "tunnels": str, "ui": str,
-}  # fmt: skip
+    "partition": str,
+    "mem": str,
+    "time": str,
+    "cpus_per_task": int,
+    "gpus": str,
+    "gres": str,
+    "account": str,
+    "qos": str,
+    "constraint": str,
+    "reservation": str,
+    "tunnels": str,
+    "ui": str,
+}
 
 
 def public_view(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -52,6 +62,7 @@ class SessionHub:
         self.manager = manager
         self.session: Session | None = None  # the one this server owns, while it runs
         self.changed = asyncio.Event()
+        self._watcher: asyncio.Future[None] | None = None
 
     def current(self) -> dict[str, Any] | None:
         """The live session's public view, or None."""
@@ -78,7 +89,7 @@ class SessionHub:
         req = self.manager.request(tunnels=tunnels, **options)
         session = await self.manager.start(req, self._notify, owner="jupyterlab")
         self.session = session
-        asyncio.ensure_future(self._forget_when_ended(session))
+        self._watcher = asyncio.ensure_future(self._forget_when_ended(session))
         self._notify()
         view = self.current()
         assert view is not None

@@ -1,10 +1,10 @@
 """REST API of the server extension: thin handlers over ``SessionHub``. Every verb authenticated.
 
-    GET    spunnel/api/config           site defaults and the cluster's partitions (for the form)
-    GET    spunnel/api/session          the session (404 when none; "last" says how the last ended)
-    POST   spunnel/api/session          start one: 201; 400 bad input; 409 one runs; 503 no Slurm
-    DELETE spunnel/api/session          stop it: 204 once torn down
-    GET    spunnel/api/session/events   text/event-stream of the session view on every change
+GET    spunnel/api/config           site defaults and the cluster's partitions (for the form)
+GET    spunnel/api/session          the session (404 when none; "last" says how the last ended)
+POST   spunnel/api/session          start one: 201; 400 bad input; 409 one runs; 503 no Slurm
+DELETE spunnel/api/session          stop it: 204 once torn down
+GET    spunnel/api/session/events   text/event-stream of the session view on every change
 """
 
 from __future__ import annotations
@@ -40,12 +40,16 @@ class ConfigHandler(SpunnelHandler):
         try:
             partitions = await manager.slurm.partitions()
         except SpunnelError as e:
-            return self.fail(e)
-        defaults = {name: getattr(manager, name)
-                    for name in ("partition", "mem", "time", "cpus_per_task", "ui")}  # fmt: skip
+            self.fail(e)
+            return
+        defaults = {
+            name: getattr(manager, name)
+            for name in ("partition", "mem", "time", "cpus_per_task", "ui")
+        }
         defaults["gpus"] = ""
-        self.finish(json.dumps({"defaults": defaults,
-                                "partitions": [p.to_json() for p in partitions]}))  # fmt: skip
+        self.finish(
+            json.dumps({"defaults": defaults, "partitions": [p.to_json() for p in partitions]})
+        )
 
 
 class SessionHandler(SpunnelHandler):
@@ -54,7 +58,8 @@ class SessionHandler(SpunnelHandler):
         view = self.hub.current()
         if view is None:
             self.set_status(404)
-            return self.finish(json.dumps({"message": "no session", "last": self.hub.last()}))
+            self.finish(json.dumps({"message": "no session", "last": self.hub.last()}))
+            return
         self.finish(json.dumps(view))
 
     @web.authenticated
@@ -64,11 +69,13 @@ class SessionHandler(SpunnelHandler):
             if not isinstance(body, dict):
                 raise ValueError
         except ValueError:
-            return self.fail(UsageError("the body must be a JSON object", "send application/json"))
+            self.fail(UsageError("the body must be a JSON object", "send application/json"))
+            return
         try:
             view = await self.hub.start(body)
         except SpunnelError as e:
-            return self.fail(e)
+            self.fail(e)
+            return
         self.set_status(201)
         self.set_header("Location", url_path_join(self.base_url, "spunnel/api/session"))
         self.finish(json.dumps(view))
@@ -78,7 +85,8 @@ class SessionHandler(SpunnelHandler):
         try:
             await self.hub.stop()
         except SpunnelError as e:
-            return self.fail(e)
+            self.fail(e)
+            return
         self.set_status(204)
         self.finish()
 

@@ -89,8 +89,10 @@ class Launcher:
         self.ui: str = settings.get("ui", "lab")
         self.base: str = settings.get("runtime_base") or tempfile.gettempdir()
         self.command: list[str] = settings.get("jupyter_command") or [
-            sys.executable, "-m", "jupyter_server",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "jupyter_server",
+        ]
         self.args: list[str] = settings.get("jupyter_args", [])
         self.start_timeout: float = float(settings.get("start_timeout", 120))
         self.stop_grace: float = float(settings.get("stop_grace", 1.0))
@@ -117,14 +119,22 @@ class Launcher:
 
     async def _serve(self, rundir: Path) -> int:
         sock = rundir / "jupyter.sock"
-        emit("started", job_id=self.job_id, host=socket.gethostname(), runtime_dir=str(rundir),
-             pid=os.getpid())  # fmt: skip
+        emit(
+            "started",
+            job_id=self.job_id,
+            host=socket.gethostname(),
+            runtime_dir=str(rundir),
+            pid=os.getpid(),
+        )
         if len(str(sock)) > _SOCKET_PATH_MAX:
             emit("exited", reason="error", message=f"socket path too long: {sock}")
             return 1
         if self.ui == "notebook" and importlib.util.find_spec("notebook") is None:
-            emit("exited", reason="error",
-                 message="the 'notebook' package is not installed in the node's Python")  # fmt: skip
+            emit(
+                "exited",
+                reason="error",
+                message="the 'notebook' package is not installed in the node's Python",
+            )
             return 1
         env = dict(os.environ)
         env.update(JUPYTER_TOKEN=self.token, JUPYTER_RUNTIME_DIR=str(rundir / "runtime"))
@@ -137,9 +147,13 @@ class Launcher:
             *self.args,
         ]
         jupyter = await asyncio.create_subprocess_exec(
-            *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            *argv,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
         relay = asyncio.ensure_future(self._relay(jupyter.stdout))
         exited = asyncio.ensure_future(jupyter.wait())
         stopping = asyncio.ensure_future(self.stopping.wait())
@@ -151,8 +165,11 @@ class Launcher:
         if ready.done() and ready.result():
             emit("ready", socket=str(sock), url_path="/tree" if self.ui == "notebook" else "/lab")
         elif failed:
-            emit("exited", reason="error",
-                 message=f"Jupyter did not answer within {self.start_timeout:g} s")  # fmt: skip
+            emit(
+                "exited",
+                reason="error",
+                message=f"Jupyter did not answer within {self.start_timeout:g} s",
+            )
             self.stopping.set()
         ready.cancel()
         await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -174,9 +191,11 @@ class Launcher:
     async def _answers(self, sock: Path) -> bool:
         try:
             status = await probes.http_status(
-                "/api/status", unix_socket=str(sock), timeout=2,
+                "/api/status",
+                unix_socket=str(sock),
+                timeout=2,
                 headers={"Authorization": f"token {self.token}"},
-            )  # fmt: skip
+            )
         except (OSError, TimeoutError, asyncio.TimeoutError):
             return False
         return status == 200

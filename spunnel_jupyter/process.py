@@ -14,6 +14,7 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -29,9 +30,9 @@ def _die_with_parent(parent: int, sig: int) -> None:
 async def spawn(
     argv: Sequence[str],
     *,
-    stdin: int | None = asyncio.subprocess.DEVNULL,
-    stdout: int | None = asyncio.subprocess.PIPE,
-    stderr: int | None = asyncio.subprocess.PIPE,
+    stdin: int | IO[bytes] | None = asyncio.subprocess.DEVNULL,
+    stdout: int | IO[bytes] | None = asyncio.subprocess.PIPE,
+    stderr: int | IO[bytes] | None = asyncio.subprocess.PIPE,
     env: dict[str, str] | None = None,
     death_signal: int = signal.SIGTERM,
 ) -> asyncio.subprocess.Process:
@@ -105,4 +106,13 @@ def start_time(pid: int) -> int | None:
 
 def alive(pid: int | None, started: int | None) -> bool:
     """True if the process ``pid`` that started at ``started`` still runs (not a zombie)."""
-    return bool(pid) and started is not None and start_time(pid) == started  # type: ignore[arg-type]
+    return pid is not None and started is not None and start_time(pid) == started
+
+
+def signal_if_alive(pid: int | None, started: int | None, sig: int) -> bool:
+    """Send ``sig`` to exactly that process (pid and start time), if it still runs."""
+    if pid is None or not alive(pid, started):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    return True

@@ -1,4 +1,4 @@
-"""Sessions: one allocation + Jupyter on its first node + the tunnels to it, owned by one supervisor.
+"""Sessions: one allocation + Jupyter on its first node + the tunnels, owned by one supervisor.
 
 ``SpunnelManager`` is shared by the CLI and the server extension: it holds the site configuration,
 validates requests, enforces one session per user per host (the state directory's lock), cleans up
@@ -108,53 +108,66 @@ class SpunnelManager(LoggingConfigurable):
     cpus_per_task = Int(0, config=True, help="Default CPUs (0: Slurm's default).")
     ui = TEnum(["lab", "notebook"], "lab", config=True, help="Default UI: 'lab' or 'notebook'.")
     srun_args = List(
-        Unicode(), [], config=True,
+        Unicode(),
+        [],
+        config=True,
         help="Extra srun options the site adds to every session, before the user's own.",
-    )  # fmt: skip
+    )
     state_dir = Unicode(
-        "", config=True,
+        "",
+        config=True,
         help="""Where the lock, the session record (which holds the token) and the ssh control
-        socket live. Must be private (0700, created if missing) and host-local. Empty: 
+        socket live. Must be private (0700, created if missing) and host-local. Empty:
         $SPUNNEL_STATE_DIR, $XDG_RUNTIME_DIR/spunnel-jupyter, or /tmp/spunnel-jupyter-UID.""",
-    )  # fmt: skip
+    )
     runtime_base = Unicode(
-        "", config=True,
+        "",
+        config=True,
         help="""Directory on the node in which the private per-job runtime directory
         spunnel.JOBID.RESTART (0700, holding Jupyter's socket) is made. Empty: the node's
         $TMPDIR or /tmp. Keep it short: Unix socket paths are limited to 107 bytes.""",
-    )  # fmt: skip
+    )
     launcher_command = List(
-        Unicode(), [], config=True,
+        Unicode(),
+        [],
+        config=True,
         help="""Command srun runs on the node; it must read spunnel's settings on stdin.
         Empty: this Python, `-m spunnel_jupyter.launcher` (the login host's environment
         must then be reachable from the nodes, e.g. on a shared filesystem).""",
-    )  # fmt: skip
+    )
     jupyter_command = List(
-        Unicode(), [], config=True,
+        Unicode(),
+        [],
+        config=True,
         help="Command that starts Jupyter on the node. Empty: `<node python> -m jupyter_server`.",
-    )  # fmt: skip
+    )
     jupyter_args = List(Unicode(), [], config=True, help="Extra arguments for Jupyter on the node.")
     start_timeout = Float(
-        300.0, config=True,
+        300.0,
+        config=True,
         help="Seconds Jupyter may take, once the job runs, to answer on the node.",
-    )  # fmt: skip
+    )
     stop_timeout = Float(
-        5.0, config=True,
+        5.0,
+        config=True,
         help="Upper bound in seconds on each teardown step (tunnel, job, queue).",
-    )  # fmt: skip
+    )
     jupyter_stop_grace = Float(
-        1.0, config=True,
+        1.0,
+        config=True,
         help="Seconds Jupyter gets to shut down on the node before it is killed.",
-    )  # fmt: skip
+    )
     pending_poll_interval = Float(
-        2.0, config=True,
+        2.0,
+        config=True,
         help="""Seconds between squeue calls while the job is pending (for Slurm's reason).
         The start itself is reported by srun at once; this only refreshes the reason.""",
-    )  # fmt: skip
+    )
     refresh_interval = Float(
-        60.0, config=True,
+        60.0,
+        config=True,
         help="Seconds between squeue calls while the session runs (for the time remaining).",
-    )  # fmt: skip
+    )
     login_host = Unicode(
         config=True,
         help="Name of this login host as seen from laptops, for the printed `ssh -L` line.",
@@ -308,10 +321,8 @@ class SpunnelManager(LoggingConfigurable):
                 await self.slurm.cancel(job_id)
                 notes.append(f"cancelled job {job_id} left by an earlier session")
         for what in ("ssh", "srun"):
-            pid, started = record.get(f"{what}_pid"), record.get(f"{what}_start")
-            if process.alive(pid, started):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            pid = record.get(f"{what}_pid")
+            if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
         state.remove(CONTROL_PATH, CONTROL, "session.json")
         if not notes:
@@ -349,9 +360,9 @@ class SpunnelManager(LoggingConfigurable):
             writer.close()
         except (OSError, asyncio.TimeoutError):
             record = state.read() or {}
-            pid, started = record.get("supervisor_pid"), record.get("supervisor_start")
-            if process.alive(pid, started):
-                os.kill(pid, signal.SIGTERM)
+            process.signal_if_alive(
+                record.get("supervisor_pid"), record.get("supervisor_start"), signal.SIGTERM
+            )
 
         async def unlocked() -> bool:
             return not state.is_locked()
@@ -516,7 +527,10 @@ class Session:
             asyncio.ensure_future(self._read_events(srun.stdout)),
             asyncio.ensure_future(self._read_srun_stderr(srun.stderr)),
         ]
-        readers = [*self._readers, asyncio.ensure_future(self._poll_job())]
+        readers: list[asyncio.Future[Any]] = [
+            *self._readers,
+            asyncio.ensure_future(self._poll_job()),
+        ]
         srun_exit = asyncio.ensure_future(srun.wait())
         stop = asyncio.ensure_future(self._stop.wait())
         try:
@@ -531,7 +545,7 @@ class Session:
         try:
             await self._teardown()
         finally:
-            for task in (*readers, srun_exit, stop):
+            for task in [*readers, srun_exit, stop]:
                 task.cancel()
             self._finish()
         return outcome
@@ -583,9 +597,11 @@ class Session:
         async def answers() -> bool:
             try:
                 status = await probes.http_status(
-                    "/api/status", port=self.port, timeout=5,
+                    "/api/status",
+                    port=self.port,
+                    timeout=5,
                     headers={"Authorization": f"token {self.token}"},
-                )  # fmt: skip
+                )
             except (OSError, asyncio.TimeoutError):
                 return False
             return status == 200
@@ -650,8 +666,12 @@ class Session:
                 self._set(job_id=int(m.group(1)), job_state=JobState.PENDING)
             elif m := self._ALLOCATED.search(line):
                 self.times.setdefault("running", time.time())
-                self._set(job_id=int(m.group(1)), job_state=JobState.RUNNING, reason="",
-                          phase=Phase.STARTING)  # fmt: skip
+                self._set(
+                    job_id=int(m.group(1)),
+                    job_state=JobState.RUNNING,
+                    reason="",
+                    phase=Phase.STARTING,
+                )
             elif self._SLURM_SAYS.match(line):
                 self._slurm_said.append(line)
 

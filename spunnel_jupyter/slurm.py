@@ -123,8 +123,18 @@ class JobRequest:
 
     def srun_options(self) -> list[str]:
         opts = []
-        for name in ("partition", "mem", "time", "gpus", "gres", "account", "qos", "constraint",
-                     "reservation", "job_name"):  # fmt: skip
+        for name in (
+            "partition",
+            "mem",
+            "time",
+            "gpus",
+            "gres",
+            "account",
+            "qos",
+            "constraint",
+            "reservation",
+            "job_name",
+        ):
             value = getattr(self, name)
             if value:
                 opts.append(f"--{name.replace('_', '-')}={value}")
@@ -167,19 +177,27 @@ _UNREACHABLE = (
 # srun's immediate rejections of a request, mapped to what the user should change.
 _REJECTIONS = [
     ("Invalid partition name", "unknown partition", "pick one from `sinfo -s`"),
-    ("Requested node configuration is not available",
-     "no node can satisfy this request (memory, CPUs, GPUs or constraint)",
-     "ask for less; `sinfo -o '%P %m %c %G'` shows what nodes have"),
+    (
+        "Requested node configuration is not available",
+        "no node can satisfy this request (memory, CPUs, GPUs or constraint)",
+        "ask for less; `sinfo -o '%P %m %c %G'` shows what nodes have",
+    ),
     ("Invalid --time specification", "invalid time limit", f"use {_TIME_FORMS}"),
-    ("Requested time limit is invalid", "the time limit exceeds the partition's",
-     "ask for less time; `sinfo -o '%P %l'` shows the limits"),
-    ("Invalid account", "invalid account or account/partition combination",
-     "check your accounts with `sacctmgr show assoc user=$USER`"),
+    (
+        "Requested time limit is invalid",
+        "the time limit exceeds the partition's",
+        "ask for less time; `sinfo -o '%P %l'` shows the limits",
+    ),
+    (
+        "Invalid account",
+        "invalid account or account/partition combination",
+        "check your accounts with `sacctmgr show assoc user=$USER`",
+    ),
     ("Invalid qos", "invalid QOS", "check your QOS with `sacctmgr show assoc user=$USER`"),
     ("Invalid generic resource", "invalid --gres/--gpus request", "see `sinfo -o '%P %G'`"),
     ("Requested reservation is invalid", "invalid reservation", "see `scontrol show res`"),
     ("Invalid feature specification", "invalid --constraint", "see `sinfo -o '%P %f'`"),
-]  # fmt: skip
+]
 
 
 def classify_error(stderr: str) -> SpunnelError:

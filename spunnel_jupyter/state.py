@@ -1,11 +1,13 @@
 """The per-user, per-host state directory: the session lock and the session record.
 
 Invariants:
-- The directory is owned by the user, mode 0700, on a host-local filesystem; anything else is refused
-  (a directory another user pre-created, or one on NFS where locks and sockets are unreliable).
-- ``lock`` is held with flock(2) by the one supervisor that owns the session, for the session's whole
-  life. The kernel drops it when that process dies however it dies, so a dead owner can never leave
-  the lock taken; a record found while the lock is free is a leftover to clean, never a live session.
+- The directory is owned by the user, mode 0700, on a host-local filesystem; anything else is
+  refused (a directory another user pre-created, or one on NFS where locks and sockets are
+  unreliable).
+- ``lock`` is held with flock(2) by the one supervisor that owns the session, for the session's
+  whole life. The kernel drops it when that process dies however it dies, so a dead owner can never
+  leave the lock taken; a record found while the lock is free is a leftover to clean, never a live
+  session.
 - ``session.json`` (0600, written atomically) describes the session; it holds the notebook token, so
   it is never written anywhere else and never logged.
 """
@@ -28,9 +30,25 @@ RECORD = "session.json"
 LOCK = "lock"
 # Filesystems whose locks or Unix sockets are not host-local.
 NETWORK_FS = {
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
-    "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "afs", "9p", "panfs", "wekafs", "fuse.beegfs",
-}  # fmt: skip
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "fuse.sshfs",
+    "fuse.glusterfs",
+    "fuse.ceph",
+    "afs",
+    "9p",
+    "panfs",
+    "wekafs",
+    "fuse.beegfs",
+}
 
 
 def default_state_dir() -> Path:

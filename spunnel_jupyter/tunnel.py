@@ -51,7 +51,7 @@ def parse_port_pairs(text: str) -> list[PortPair]:
         if not (sep and local.isdigit() and remote.isdigit()):
             raise UsageError(
                 f"malformed --tunnel pair {item.strip()!r}",
-                "write LOGINPORT:NODEPORT[,LOGINPORT:NODEPORT...], e.g. --tunnel 8001:8000,8889:8888",
+                "write LOGINPORT:NODEPORT[,...], e.g. --tunnel 8001:8000,8889:8888",
             )
         pair = PortPair(check_port(int(local), "port"), check_port(int(remote), "port"))
         if any(p.local == pair.local for p in pairs):
@@ -95,19 +95,27 @@ class SshTunnel(LoggingConfigurable):
             *self.ssh_command,
             "-N",
             "-M",
-            "-S", str(control_path),
-            "-o", "ControlPersist=no",
-            "-o", "BatchMode=yes",
-            "-o", "ExitOnForwardFailure=yes",
-            "-o", f"ConnectTimeout={max(1, int(self.connect_timeout))}",
-            "-o", f"ServerAliveInterval={self.server_alive_interval}",
-            "-o", "ServerAliveCountMax=3",
-            "-o", "ClearAllForwardings=no",
+            "-S",
+            str(control_path),
+            "-o",
+            "ControlPersist=no",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-o",
+            f"ConnectTimeout={max(1, int(self.connect_timeout))}",
+            "-o",
+            f"ServerAliveInterval={self.server_alive_interval}",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "ClearAllForwardings=no",
             *[arg for spec in forwards for arg in ("-L", spec)],
             *self.ssh_options,
             "--",
             host,
-        ]  # fmt: skip
+        ]
 
     def control(self, host: str, control_path: Path, op: str) -> list[str]:
         return [*self.ssh_command, "-S", str(control_path), "-O", op, *self.ssh_options, host]

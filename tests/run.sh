@@ -5,4 +5,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/cluster/up.sh"
 cd "$here/.."
-exec /opt/spunnel/venv/bin/python -m pytest -p no:cacheprovider "$@"
+venv=/opt/spunnel/venv/bin
+# Lint and types first: cheap, and a failure here is as real as a failing test.
+"$venv/ruff" check --no-cache .
+"$venv/ruff" format --no-cache --check .
+"$venv/mypy" --no-incremental spunnel_jupyter
+exec "$venv/python" -m pytest -p no:cacheprovider "$@"

@@ -35,11 +35,13 @@ def cluster_env() -> dict[str, str]:
             "as root (tests/run.sh does it)",
             pytrace=False,
         )
-    env = dict(
-        line.split("=", 1) for line in CLUSTER_ENV.read_text().splitlines() if "=" in line
+    env = dict(line.split("=", 1) for line in CLUSTER_ENV.read_text().splitlines() if "=" in line)
+    ping = subprocess.run(
+        ["sinfo", "-h", "-n", env.get("NODE", "c1"), "-o", "%t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    ping = subprocess.run(["sinfo", "-h", "-n", env.get("NODE", "c1"), "-o", "%t"],
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
     if ping.returncode != 0 or ping.stdout.strip() not in ("idle", "mix", "alloc"):
         pytest.fail(f"the test cluster is not healthy: sinfo says {ping.stdout!r} {ping.stderr!r}")
     return env
@@ -67,16 +69,30 @@ def state_dir(user: str) -> Path:
     return Path(f"/tmp/spunnel-jupyter-{uid(user)}")
 
 
-def as_user(user: str, argv: list[str], timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+def as_user(
+    user: str, argv: list[str], timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, user=user, group=user, extra_groups=[], env=user_env(user, **env),
-        cwd=f"/home/{user}", capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        argv,
+        user=user,
+        group=user,
+        extra_groups=[],
+        env=user_env(user, **env),
+        cwd=f"/home/{user}",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def squeue(user: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i %T"], capture_output=True,
-                         text=True, timeout=30, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["squeue", "-h", "-u", user, "-o", "%i %T"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     return out.stdout.splitlines()
 
 
@@ -196,7 +212,9 @@ class Session:
             if m:
                 return m
             if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} not seen within {timeout} s; output:\n{self.output}")
+                raise AssertionError(
+                    f"{pattern!r} not seen within {timeout} s; output:\n{self.output}"
+                )
             chunk = self._read(min(0.5, max(0.01, deadline - time.monotonic())))
             self.output += chunk
             if not chunk and self.proc.poll() is not None:
@@ -250,11 +268,18 @@ class Session:
 def start(user: str, *args: str, tty: bool = False, **env: str) -> Session:
     """Start ``spunnel-notebook ARGS`` as ``user`` in its own session (optionally on a pty)."""
     argv = [PROG, *args]
-    common = dict(user=user, group=user, extra_groups=[], env=user_env(user, **env),
-                  cwd=f"/home/{user}")  # fmt: skip
+    common = dict(
+        user=user, group=user, extra_groups=[], env=user_env(user, **env), cwd=f"/home/{user}"
+    )
     if not tty:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True, **common)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **common,
+        )
         return Session(user, proc)
     master, slave = pty.openpty()
     os.fchown(slave, uid(user), -1)
@@ -263,8 +288,9 @@ def start(user: str, *args: str, tty: bool = False, **env: str) -> Session:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                            preexec_fn=controlling_terminal, **common)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_terminal, **common
+    )
     os.close(slave)
     return Session(user, proc, master_fd=master)
 

@@ -27,9 +27,10 @@ def test_kernel_runs_inside_the_job_on_c1_and_token_stays_secret():
         status, _ = rest(s.port, s.token, "GET", "/api/status")
         assert status == 200
         out = execute(
-            s.port, s.token,
+            s.port,
+            s.token,
             "import os, socket; print(os.environ['SLURM_JOB_ID'], socket.gethostname())",
-        )  # fmt: skip
+        )
         assert out.split() == [str(job), "c1"]
         # Without the token the server refuses: the tunnel is no open door.
         assert rest(s.port, "wrong", "GET", "/api/contents")[0] == 403
@@ -41,8 +42,11 @@ def test_kernel_runs_inside_the_job_on_c1_and_token_stays_secret():
                 continue
             assert s.token.encode() not in cmdline, f"token on the command line of {entry}"
         # ... and in no log: the session log, Jupyter's output, the Slurm daemons' logs.
-        logs = [state_dir("alice") / "session.log", *Path("/run/spunnel-test").glob("*"),
-                *Path("/var/log/slurm").glob("*")]  # fmt: skip
+        logs = [
+            state_dir("alice") / "session.log",
+            *Path("/run/spunnel-test").glob("*"),
+            *Path("/var/log/slurm").glob("*"),
+        ]
         for log in logs:
             if log.is_file():
                 assert s.token not in log.read_text(errors="replace"), f"token in {log}"
@@ -73,15 +77,21 @@ ENDINGS = {
     "terminal-closed": (lambda s: s.close_terminal(), 129, "the terminal was closed"),
     "stop-command": (
         lambda s: as_user("alice", ["spunnel-notebook", "stop"], timeout=30),
-        0, "stopped with `spunnel-notebook stop`",
+        0,
+        "stopped with `spunnel-notebook stop`",
     ),
-    "scancel": (lambda s: subprocess.run(["scancel", str(s.job_id)], check=True), 0,
-                "was cancelled"),
+    "scancel": (
+        lambda s: subprocess.run(["scancel", str(s.job_id)], check=True),
+        0,
+        "was cancelled",
+    ),
     "jupyter-file-shutdown": (
-        lambda s: rest(s.port, s.token, "POST", "/api/shutdown"), 0, "Jupyter was shut down",
+        lambda s: rest(s.port, s.token, "POST", "/api/shutdown"),
+        0,
+        "Jupyter was shut down",
     ),
     "tunnel-ssh-dies": (_kill_ssh, 5, "the tunnel's ssh"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("how", list(ENDINGS))
@@ -156,8 +166,12 @@ def test_supervisor_killed_with_sigkill_leaves_nothing_for_long_and_next_start_r
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{p}").exists() for p in children) and time.monotonic() < deadline:
             time.sleep(0.05)
-        alive = [p for p in children if Path(f"/proc/{p}/stat").exists()
-                 and Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"]  # fmt: skip
+        alive = [
+            p
+            for p in children
+            if Path(f"/proc/{p}/stat").exists()
+            and Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"
+        ]
         assert not alive, "ssh/srun outlived the supervisor"
     finally:
         s.close()
@@ -184,20 +198,40 @@ def test_two_tunnel_pairs_reach_servers_on_the_node(tmp_path):
             home.mkdir(exist_ok=True)
             (home / "who.txt").write_text(text)
             os.chown(home, 1001, 1001)
-            servers.append(subprocess.Popen(
-                ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",
-                 str(port), "--bind", "127.0.0.1", "--directory", str(home)],
-                user="alice", group="alice", extra_groups=[], cwd="/home/alice",
-                env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))  # fmt: skip
+            servers.append(
+                subprocess.Popen(
+                    [
+                        "srun",
+                        f"--jobid={s.job_id}",
+                        "--overlap",
+                        "-n1",
+                        "python3",
+                        "-m",
+                        "http.server",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--directory",
+                        str(home),
+                    ],
+                    user="alice",
+                    group="alice",
+                    extra_groups=[],
+                    cwd="/home/alice",
+                    env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         import urllib.request
 
         for local, text in ((p1, "first"), (p2, "second")):
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{local}/who.txt", timeout=5) as r:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{local}/who.txt", timeout=5
+                    ) as r:
                         assert r.read().decode() == text
                         break
                 except OSError:
@@ -290,9 +324,15 @@ def node_full():
     """bob holds all of c1's memory, so alice's next job must wait in the queue."""
     job = subprocess.run(
         ["sbatch", "--parsable", "-p", "interact", "--mem=8000", "-t", "10", "--wrap", "sleep 600"],
-        user="bob", group="bob", extra_groups=[], cwd="/tmp", capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/home/bob"}, check=True,
-    ).stdout.strip()  # fmt: skip
+        user="bob",
+        group="bob",
+        extra_groups=[],
+        cwd="/tmp",
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/home/bob"},
+        check=True,
+    ).stdout.strip()
     deadline = time.monotonic() + 30
     while squeue("bob") != [f"{job} RUNNING"]:
         assert time.monotonic() < deadline, squeue("bob")
@@ -317,8 +357,9 @@ def test_pending_shows_job_and_reason_and_ctrl_c_cancels_it(node_full):
         assert elapsed <= TEARDOWN_LIMIT
         assert s.finish() == 130
         assert "interrupted with Ctrl-C" in s.output
-        state = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True,
-                               text=True).stdout  # fmt: skip
+        state = subprocess.run(
+            ["scontrol", "show", "job", job, "-o"], capture_output=True, text=True
+        ).stdout
         assert "JobState=CANCELLED" in state
     finally:
         s.close()

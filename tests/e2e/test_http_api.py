@@ -23,11 +23,27 @@ def test_rest_api_as_alice():
     (work / "pytest.ini").write_text("[pytest]\n")  # pytest-jupyter runs the coroutines
     subprocess.run(["chown", "-R", "alice:alice", str(work)], check=True)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:asyncio", "-q", "-rA",
-         str(work / "http")],
-        user="alice", group="alice", extra_groups=[], cwd=str(work), env=user_env("alice"),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:asyncio",
+            "-q",
+            "-rA",
+            str(work / "http"),
+        ],
+        user="alice",
+        group="alice",
+        extra_groups=[],
+        cwd=str(work),
+        env=user_env("alice"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     shutil.rmtree(work, ignore_errors=True)
     print(result.stdout[-20000:], result.stderr[-5000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]

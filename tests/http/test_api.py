@@ -12,13 +12,22 @@ import pytest
 from tornado.httpclient import HTTPClientError
 
 API = ("spunnel", "api")
-ROUTES = [("GET", "config"), ("GET", "session"), ("POST", "session"), ("DELETE", "session"),
-          ("GET", "session/events")]  # fmt: skip
+ROUTES = [
+    ("GET", "config"),
+    ("GET", "session"),
+    ("POST", "session"),
+    ("DELETE", "session"),
+    ("GET", "session/events"),
+]
 
 
 def _squeue() -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-u", os.environ["USER"], "-o", "%i %T"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["squeue", "-h", "-u", os.environ["USER"], "-o", "%i %T"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.splitlines()
 
 
@@ -69,8 +78,11 @@ async def test_bad_input_is_400_with_a_message_and_submits_nothing(jp_fetch, bod
 
 async def test_slurm_unreachable_is_503(jp_fetch, monkeypatch, tmp_path):
     conf = tmp_path / "slurm.conf"
-    lines = [ln for ln in open("/etc/slurm/slurm.conf").read().splitlines()
-             if not ln.startswith("SlurmctldPort")]  # fmt: skip
+    lines = [
+        ln
+        for ln in open("/etc/slurm/slurm.conf").read().splitlines()
+        if not ln.startswith("SlurmctldPort")
+    ]
     conf.write_text("SlurmctldPort=6999\n" + "\n".join(lines) + "\n")
     monkeypatch.setenv("SLURM_CONF", str(conf))
     code, data = await _status(jp_fetch, "POST", "session", json.dumps({"time": "10"}))
@@ -83,8 +95,9 @@ async def test_slurm_unreachable_is_503(jp_fetch, monkeypatch, tmp_path):
 async def test_start_watch_and_stop_on_the_real_cluster(jp_fetch):
     code, _ = await _status(jp_fetch, "GET", "session")
     assert code == 404
-    code, view = await _status(jp_fetch, "POST", "session",
-                               json.dumps({"mem": "1000", "time": "10"}))  # fmt: skip
+    code, view = await _status(
+        jp_fetch, "POST", "session", json.dumps({"mem": "1000", "time": "10"})
+    )
     assert code == 201, view
     assert view["owner"] == "jupyterlab" and "token" not in view
     # A second session is refused and the answer names the running one.
@@ -122,8 +135,12 @@ async def test_events_stream_progress_without_polling_by_the_page(jp_fetch, jp_s
                 views.append(json.loads(block[6:]))
 
     stream = jp_fetch(*API, "session/events", streaming_callback=on_chunk, request_timeout=120)
-    cli = subprocess.Popen(["spunnel-notebook", "-t", "10"], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    cli = subprocess.Popen(
+        ["spunnel-notebook", "-t", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not any(v and v["phase"] == "ready" for v in views):

@@ -88,28 +88,51 @@ def test_bad_port_pairs(text, message):
 
 
 def test_srun_options_map_one_to_one():
-    job = JobRequest(partition="interact", mem="4000", time="2:00:00", cpus_per_task=2,
-                     gpus="1", account="lab", extra=["--exclusive"])  # fmt: skip
+    job = JobRequest(
+        partition="interact",
+        mem="4000",
+        time="2:00:00",
+        cpus_per_task=2,
+        gpus="1",
+        account="lab",
+        extra=["--exclusive"],
+    )
     assert job.srun_options() == [
-        "--partition=interact", "--mem=4000", "--time=2:00:00", "--gpus=1", "--account=lab",
-        "--job-name=spunnel-notebook", "--cpus-per-task=2", "--exclusive",
-    ]  # fmt: skip
+        "--partition=interact",
+        "--mem=4000",
+        "--time=2:00:00",
+        "--gpus=1",
+        "--account=lab",
+        "--job-name=spunnel-notebook",
+        "--cpus-per-task=2",
+        "--exclusive",
+    ]
 
 
 @pytest.mark.parametrize(
     ("stderr", "kind", "text"),
     [
-        ("srun: error: Unable to allocate resources: Invalid partition name specified",
-         UsageError, "unknown partition"),
-        ("srun: error: Memory specification can not be satisfied\nsrun: error: Unable to "
-         "allocate resources: Requested node configuration is not available",
-         UsageError, "no node can satisfy"),
+        (
+            "srun: error: Unable to allocate resources: Invalid partition name specified",
+            UsageError,
+            "unknown partition",
+        ),
+        (
+            "srun: error: Memory specification can not be satisfied\nsrun: error: Unable to "
+            "allocate resources: Requested node configuration is not available",
+            UsageError,
+            "no node can satisfy",
+        ),
         ("srun: error: Invalid --time specification", UsageError, "invalid time limit"),
-        ("sinfo: error: slurm_load_partitions: Unable to contact slurm controller (connect "
-         "failure)", SlurmUnavailable, "does not answer"),
+        (
+            "sinfo: error: slurm_load_partitions: Unable to contact slurm controller (connect "
+            "failure)",
+            SlurmUnavailable,
+            "does not answer",
+        ),
         ("srun: unrecognized option '--frob'", SlurmRejected, "unrecognized option '--frob'"),
     ],
-)  # fmt: skip
+)
 def test_slurm_errors_become_clear_messages(stderr, kind, text):
     err = classify_error(stderr)
     assert type(err) is kind
