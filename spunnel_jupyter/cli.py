@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import ExitCode, SpunnelError
+from .errors import ExitCode, SpunnelError, UsageError
 
 if TYPE_CHECKING:
     from .session import Session, SpunnelManager
@@ -33,6 +33,8 @@ EPILOG = """\
 commands:
   status [--json]   show this host's session (job, node, URL, time left)
   stop              end this host's session, whichever terminal or JupyterLab started it
+  forward SP:EP     forward login port SP to node port EP in the running session
+  forward --cancel SP:EP   remove that forward
 
 exit codes:
   0 session ended normally   2 bad input   3 a session is already running   4 Slurm problem
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Jupyter on a Slurm compute node and tunnel it to this login host.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{PROG} [options] [-- srun options] | {PROG} status|stop",
+        usage=f"{PROG} [options] [-- srun options] | {PROG} status|stop|forward",
     )
     slurm = p.add_argument_group("Slurm (passed to srun; defaults from the site config)")
     slurm.add_argument("-p", "--partition", default="")
@@ -138,7 +140,9 @@ def describe(session: Session) -> str:
     from .session import Phase
     from .slurm import format_duration
 
-    job = f"job {session.job_id}" if session.job_id else "submitting job"
+    if session.job_id is None:
+        return "submitting the job"
+    job = f"job {session.job_id}"
     if session.phase is Phase.PENDING:
         waited = format_duration(time.time() - session.times["submitted"])
         reason = f" ({session.reason})" if session.reason else ""
@@ -148,12 +152,12 @@ def describe(session: Session) -> str:
     if session.phase is Phase.READY:
         left = session.time_left
         remaining = f", {format_duration(left)} left" if left is not None else ""
-        return f"{job} on {session.node}{remaining} (Ctrl-C to stop)"
+        tunnel = ", tunnel reconnecting" if session.tunnel_state == "reconnecting" else ""
+        return f"{job} on {session.node}{remaining}{tunnel} (Ctrl-C to stop)"
     return f"{job} {session.phase.value}"
 
 
 async def run_session(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
-    from .errors import ExitCode as Code
     from .session import Phase
     from .tunnel import parse_port_pairs
 
@@ -178,9 +182,9 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
     main = asyncio.current_task()
     holder: dict[str, Session] = {}
     signals = {
-        signal.SIGINT: ("interrupted with Ctrl-C", Code.SIGINT),
-        signal.SIGTERM: ("terminated (SIGTERM)", Code.SIGTERM),
-        signal.SIGHUP: ("the terminal was closed (SIGHUP)", Code.SIGHUP),
+        signal.SIGINT: ("interrupted with Ctrl-C", ExitCode.SIGINT),
+        signal.SIGTERM: ("terminated (SIGTERM)", ExitCode.SIGTERM),
+        signal.SIGHUP: ("the terminal was closed (SIGHUP)", ExitCode.SIGHUP),
     }
 
     def on_signal(sig: signal.Signals) -> None:
@@ -193,9 +197,13 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         loop.add_signal_handler(sig, on_signal, sig)
 
     shown_ready = False
+    told = 0
 
     def on_change(session: Session) -> None:
-        nonlocal shown_ready
+        nonlocal shown_ready, told
+        for note in session.notes[told:]:
+            console.say(f"{PROG}: {note}")
+        told = len(session.notes)
         if session.phase is Phase.READY and not shown_ready:
             shown_ready = True
             ssh_line = f"ssh -N -L {session.port}:127.0.0.1:{session.port} " + (
@@ -215,10 +223,9 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         session = await manager.start(req, on_change)
     except asyncio.CancelledError:
         console.say(f"{PROG}: interrupted before anything was submitted")
-        return Code.SIGINT
+        return ExitCode.SIGINT
     holder["s"] = session
-    for note in session.notes:
-        console.say(f"{PROG}: {note}")
+    on_change(session)
     ticker = asyncio.ensure_future(_tick(session, console)) if console.tty else None
     outcome = await session.wait()
     if ticker:
@@ -232,7 +239,7 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         f"{PROG}: session ended: {outcome.reason}; {job}gone from the queue, tunnel closed "
         f"({session.times.get('teardown_s', 0):.2f} s)"
     )
-    for note in session.notes:
+    for note in session.notes[told:]:
         console.say(f"{PROG}: {note}")
     return outcome.exit_code
 
@@ -278,6 +285,17 @@ def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int
     return ExitCode.OK
 
 
+def forward(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
+    from .tunnel import parse_port_pairs
+
+    if len(args.pair) != 1:
+        raise UsageError("give one LOGINPORT:NODEPORT pair", f"e.g. {PROG} forward 8050:8050")
+    parse_port_pairs(args.pair[0])  # the same checks as --tunnel, before asking the session
+    verb = "cancel" if args.cancel else "forward"
+    console.say(f"{PROG}: {asyncio.run(manager.control(f'{verb} {args.pair[0]}'))}")
+    return ExitCode.OK
+
+
 def make_manager(debug: bool) -> SpunnelManager:
     from .config import load_site_config
     from .session import SpunnelManager
@@ -297,8 +315,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
         cut = argv.index("--")
         argv, srun_extra = argv[:cut], argv[cut + 1 :]
     command = None
-    if argv and argv[0] in ("status", "stop", "start"):
+    if argv and argv[0] in ("status", "stop", "start", "forward"):
         command, argv = argv[0], argv[1:]
+    if command == "forward":
+        p = argparse.ArgumentParser(
+            prog=f"{PROG} forward",
+            description="Add or remove a forward in the running session (ssh -O forward/cancel).",
+        )
+        p.add_argument("pair", nargs="*", metavar="LOGINPORT:NODEPORT")
+        p.add_argument("--cancel", action="store_true", help="remove the forward")
+        p.add_argument("--debug", action="store_true")
+        args = p.parse_args(argv)
+        args.command = command
+        return args
     args = build_parser().parse_args(argv)
     args.command = command or args.command or "start"
     args.srun_extra = srun_extra
@@ -322,6 +351,8 @@ def _main(argv: list[str]) -> int:
     console = Console()
     try:
         manager = make_manager(args.debug)
+        if args.command == "forward":
+            return forward(manager, args, console)
         if args.command == "status":
             return show_status(manager, args.json, console)
         if args.command == "stop":

@@ -56,7 +56,7 @@ from .slurm import (
     parse_time_limit,
 )
 from .state import StateDir, hostname
-from .tunnel import PortPair, SshTunnel, Tunnel, check_port
+from .tunnel import PortPair, SshTunnel, Tunnel, check_port, pair_forward, parse_port_pairs
 
 CONTROL = "control.sock"
 CONTROL_PATH = "ctl"
@@ -351,14 +351,8 @@ class SpunnelManager(LoggingConfigurable):
                 return "; ".join(notes)
             raise NoSession("no session is running on this host", "start one with spunnel-notebook")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(state.file(CONTROL))), 5
-            )
-            writer.write(b"stop\n")
-            await writer.drain()
-            await asyncio.wait_for(reader.readline(), 5)
-            writer.close()
-        except (OSError, asyncio.TimeoutError):
+            await self.control("stop")
+        except (OSError, asyncio.TimeoutError, SpunnelError):
             record = state.read() or {}
             process.signal_if_alive(
                 record.get("supervisor_pid"), record.get("supervisor_start"), signal.SIGTERM
@@ -373,6 +367,25 @@ class SpunnelManager(LoggingConfigurable):
                 "run `spunnel-notebook stop` again; its supervisor may be hung",
             )
         return "session stopped"
+
+    async def control(self, command: str) -> str:
+        """Send one command to the running session's supervisor; return its answer."""
+        state = self.state()
+        if not state.is_locked():
+            raise NoSession("no session is running on this host", "start one with spunnel-notebook")
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(state.file(CONTROL))), 5
+        )
+        try:
+            writer.write(command.encode() + b"\n")
+            await writer.drain()
+            answer = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
+        finally:
+            writer.close()
+        status, _, text = answer.partition(" ")
+        if status != "ok":
+            raise UsageError(text or "the session's supervisor did not answer", "")
+        return text
 
 
 def describe_running(record: dict[str, Any]) -> tuple[str, str]:
@@ -414,7 +427,8 @@ class Session:
         self.end_time: float | None = None
         self.socket_path = ""
         self.url = ""
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # things the user should be told, in order
+        self.tunnel_state = "down"
         self.times: dict[str, float] = {"submitted": time.time()}
         self.outcome: Outcome | None = None
         self.srun: asyncio.subprocess.Process | None = None
@@ -452,6 +466,8 @@ class Session:
             "node": self.node,
             "port": self.port,
             "tunnels": [str(p) for p in self.req.tunnels],
+            "tunnel_state": self.tunnel_state,
+            "notes": self.notes[-20:],
             "end_time": self.end_time,
             "times": self.times,
             "supervisor_pid": os.getpid(),
@@ -553,33 +569,40 @@ class Session:
     async def _supervise(
         self, srun_exit: asyncio.Future[int], stop: asyncio.Future[Any]
     ) -> Outcome:
-        """Wait for the first thing that ends the session; return why."""
+        """Wait for the first thing that ends the session; return why.
+
+        At any time exactly one of ``building`` (the tunnel being built or rebuilt) and
+        ``tunnel_exit`` (the running master's exit) is watched beside srun and the stop request.
+        """
         tunnel_exit: asyncio.Future[int] | None = None
-        node_ready = asyncio.ensure_future(self._wait_node_ready())
+        building: asyncio.Future[None] | None = asyncio.ensure_future(self._wait_node_ready())
         try:
             while True:
-                waiting: set[asyncio.Future[Any]] = {srun_exit, stop}
-                waiting.add(tunnel_exit if tunnel_exit else node_ready)
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                watched = building or tunnel_exit
+                assert watched is not None
+                await asyncio.wait({srun_exit, stop, watched}, return_when=asyncio.FIRST_COMPLETED)
                 if stop.done():
                     assert self._stop_outcome is not None
                     return self._stop_outcome
                 if srun_exit.done():
                     await asyncio.wait(self._readers, timeout=1)  # srun's last words
                     return await self._why_srun_ended(srun_exit.result())
-                if tunnel_exit is not None and tunnel_exit.done():
-                    raise TunnelError(
-                        f"the tunnel's ssh to {self.node} exited ({tunnel_exit.result()})",
-                        f"see {self.state.file(LOG)}; start a new session",
-                    )
-                if node_ready.done():
-                    node_ready.result()  # raises if Jupyter or the tunnel failed
+                if building is not None and building.done():
+                    building.result()  # raises if Jupyter or the tunnel failed
+                    building = None
                     assert self.tunnel is not None
                     tunnel_exit = asyncio.ensure_future(self.tunnel.proc.wait())
+                elif tunnel_exit is not None and tunnel_exit.done():
+                    lost = f"the tunnel's ssh to {self.node} exited ({tunnel_exit.result()})"
+                    if self.manager.tunnel.reconnect_timeout <= 0:
+                        raise TunnelError(lost, f"see {self.state.file(LOG)}")
+                    tunnel_exit = None
+                    self.announce(f"{lost}; reconnecting")
+                    building = asyncio.ensure_future(self._reconnect())
         finally:
-            node_ready.cancel()
-            if tunnel_exit:
-                tunnel_exit.cancel()
+            for task in (building, tunnel_exit):
+                if task is not None:
+                    task.cancel()
 
     async def _wait_node_ready(self) -> None:
         """After the node reports Jupyter listening: tunnel, check through it, publish the URL."""
@@ -587,8 +610,22 @@ class Session:
         self._set(phase=Phase.STARTING)
         self.times["jupyter_ready"] = time.time()
         m = self.manager
+        await self._open_tunnel()
+        url_path = self._node_url_path or "/lab"
+        self.url = f"http://127.0.0.1:{self.port}{url_path}?token={self.token}"
+        self.times["ready"] = time.time()
+        self.tunnel_state = "up"
+        info = await m.slurm.job(self.job_id) if self.job_id else None
+        if info and info.state is not JobState.UNKNOWN:
+            self.end_time = info.end_time
+        self._set(phase=Phase.READY)
+        self._ready.set()
+
+    async def _open_tunnel(self) -> None:
+        """Start the ControlMaster with all forwards; return once Jupyter answers through it."""
+        m = self.manager
         forwards = [f"127.0.0.1:{self.port}:{self.socket_path}"]
-        forwards += [f"127.0.0.1:{p.local}:localhost:{p.remote}" for p in self.req.tunnels]
+        forwards += [pair_forward(p) for p in self.req.tunnels]
         self.tunnel = await m.tunnel.open(
             self.node, self.state.file(CONTROL_PATH), forwards, self._log
         )
@@ -608,17 +645,65 @@ class Session:
 
         if not await probes.wait_until(answers, timeout=m.tunnel.connect_timeout):
             raise TunnelError(
-                "Jupyter does not answer through the tunnel",
-                f"see {self.state.file(LOG)}",
+                "Jupyter does not answer through the tunnel", f"see {self.state.file(LOG)}"
             )
-        url_path = self._node_url_path or "/lab"
-        self.url = f"http://127.0.0.1:{self.port}{url_path}?token={self.token}"
-        self.times["ready"] = time.time()
-        info = await m.slurm.job(self.job_id) if self.job_id else None
-        if info and info.state is not JobState.UNKNOWN:
-            self.end_time = info.end_time
-        self._set(phase=Phase.READY)
-        self._ready.set()
+
+    async def _reconnect(self) -> None:
+        """Rebuild a lost tunnel on the same port (same URL), with capped exponential backoff."""
+        m = self.manager
+        lost_at = time.monotonic()
+        deadline = lost_at + m.tunnel.reconnect_timeout
+        delay = 0.05
+        self._set(tunnel_state="reconnecting")
+        while True:
+            if self.tunnel is not None:
+                await self.tunnel.close(grace=0.5)  # the dead master's socket and forwards
+            try:
+                await self._open_tunnel()
+                break
+            except TunnelError as e:
+                if time.monotonic() + delay > deadline:
+                    raise TunnelError(
+                        f"the tunnel to {self.node} was lost and not re-established within "
+                        f"{m.tunnel.reconnect_timeout:g} s ({e.message})",
+                        f"see {self.state.file(LOG)}; start a new session",
+                    ) from e
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        took = time.monotonic() - lost_at
+        self.times["reconnected_s"] = round(took, 3)
+        self._set(tunnel_state="up")
+        self.announce(f"tunnel re-established after {took:.1f} s; the URL is unchanged")
+
+    # -- runtime forwards --------------------------------------------------------------------
+    async def forward(self, pair: PortPair, cancel: bool = False) -> str:
+        """Add (or cancel) a port pair on the running master: `-O forward` / `-O cancel`."""
+        if self.tunnel is None or self.phase is not Phase.READY:
+            raise UsageError("the session is not ready yet", "try again once the URL is shown")
+        known = pair in self.req.tunnels
+        if cancel and not known:
+            raise UsageError(f"{pair} is not forwarded", "see `spunnel-notebook status`")
+        if not cancel:
+            if known or pair.local == self.port:
+                raise UsageError(f"port {pair.local} is already forwarded", "pick another")
+            if probes.port_in_use(pair.local):
+                raise UsageError(
+                    f"local port {pair.local} is already in use", "pick another login port"
+                )
+        await self.tunnel.forward(pair_forward(pair), cancel=cancel)
+        if cancel:
+            self.req.tunnels.remove(pair)
+        else:
+            self.req.tunnels.append(pair)
+        self._set()
+        verb = "cancelled" if cancel else "forwarding"
+        return f"{verb} 127.0.0.1:{pair.local} -> port {pair.remote} on {self.node}"
+
+    def announce(self, text: str) -> None:
+        """Tell every front end something happened (kept in ``notes``, written to the log)."""
+        self.notes.append(text)
+        self._log.write(f"spunnel: {text}\n".encode())
+        self._set()
 
     # -- srun's channels ---------------------------------------------------------------------
     async def _read_events(self, stream: asyncio.StreamReader | None) -> None:
@@ -724,12 +809,19 @@ class Session:
     async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Other front ends (spunnel-notebook stop, the server extension) talk to us here."""
         try:
-            command = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-            if command == "stop":
+            words = (await asyncio.wait_for(reader.readline(), 5)).decode().split()
+            if words == ["stop"]:
                 self.request_stop("stopped with `spunnel-notebook stop` or from JupyterLab")
-                writer.write(b"ok\n")
+                reply = "ok stopping"
+            elif len(words) == 2 and words[0] in ("forward", "cancel"):
+                try:
+                    (pair,) = parse_port_pairs(words[1])
+                    reply = "ok " + await self.forward(pair, cancel=words[0] == "cancel")
+                except (SpunnelError, ValueError) as e:
+                    reply = f"error {e}"
             else:
-                writer.write(b"error unknown command\n")
+                reply = "error unknown command"
+            writer.write(reply.encode() + b"\n")
             await writer.drain()
         except (OSError, asyncio.TimeoutError):
             pass

@@ -38,7 +38,7 @@ def check_port(port: int, what: str) -> int:
     if not _MIN_PORT <= port <= 65535:
         raise UsageError(
             f"{what} {port} is out of range",
-            f"use a port from {_MIN_PORT} to 65535 (lower ones are privileged)",
+            f"use a port from {_MIN_PORT} to 65535; lower ones are privileged",
         )
     return port
 
@@ -63,6 +63,11 @@ def parse_port_pairs(text: str) -> list[PortPair]:
     return pairs
 
 
+def pair_forward(pair: PortPair) -> str:
+    """The -L spec of a port pair: login 127.0.0.1:local -> the node's own localhost:remote."""
+    return f"127.0.0.1:{pair.local}:localhost:{pair.remote}"
+
+
 class SshTunnel(LoggingConfigurable):
     """How to run ssh from the login host to the node. One instance serves every session."""
 
@@ -83,6 +88,13 @@ class SshTunnel(LoggingConfigurable):
         15,
         config=True,
         help="Seconds between ssh keep-alives; after 3 unanswered the tunnel counts as lost.",
+    )
+    reconnect_timeout = Float(
+        60.0,
+        config=True,
+        help="""If the tunnel's ssh dies while the job still runs, keep re-establishing it (same
+        port, same URL; capped exponential backoff) for up to this many seconds, then end the
+        session. 0 disables reconnecting: a lost tunnel ends the session at once.""",
     )
     connect_timeout = Float(
         20.0,
@@ -178,6 +190,19 @@ class Tunnel:
             raise TunnelError(
                 f"the ssh tunnel to {self.host} was not up within {timeout:g} s",
                 "check ssh to the node; raise c.SshTunnel.connect_timeout if it is slow",
+            )
+
+    async def forward(self, spec: str, cancel: bool = False) -> None:
+        """Add (``-O forward``) or remove (``-O cancel``) a -L forward on the running master."""
+        argv = [*self.config.ssh_command, "-S", str(self.control_path),
+                "-O", "cancel" if cancel else "forward", "-L", spec,
+                *self.config.ssh_options, self.host]  # fmt: skip
+        result = await process.run(argv, timeout=10)
+        if result.returncode != 0:
+            raise TunnelError(
+                f"ssh could not {'cancel' if cancel else 'add'} the forward {spec}: "
+                f"{result.stderr.strip() or result.returncode}",
+                "check the ports",
             )
 
     async def close(self, grace: float = 1.0) -> None:

@@ -265,9 +265,14 @@ class Session:
             self.master_fd = None
 
 
-def start(user: str, *args: str, tty: bool = False, **env: str) -> Session:
-    """Start ``spunnel-notebook ARGS`` as ``user`` in its own session (optionally on a pty)."""
+def start(user: str, *args: str, tty: bool = False, env_path: str = "", **env: str) -> Session:
+    """Start ``spunnel-notebook ARGS`` as ``user`` in its own session (optionally on a pty).
+
+    ``env_path``: a directory put on Jupyter's config path (site configuration).
+    """
     argv = [PROG, *args]
+    if env_path:
+        env["JUPYTER_CONFIG_PATH"] = env_path
     common = dict(
         user=user, group=user, extra_groups=[], env=user_env(user, **env), cwd=f"/home/{user}"
     )

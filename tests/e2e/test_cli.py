@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -94,10 +95,19 @@ ENDINGS = {
 }
 
 
+def site_config(tmp_path, config: dict) -> str:
+    """A directory for JUPYTER_CONFIG_PATH holding jupyter_spunnel_jupyter_config.json."""
+    tmp_path.chmod(0o755)
+    (tmp_path / "jupyter_spunnel_jupyter_config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
 @pytest.mark.parametrize("how", list(ENDINGS))
-def test_every_ending_tears_everything_down_within_2s(how):
+def test_every_ending_tears_everything_down_within_2s(how, tmp_path):
     trigger, code, told = ENDINGS[how]
-    s = start("alice", "-t", "10", tty=(how == "terminal-closed"))
+    # A lost tunnel is re-established by default (see test_tunnel_*); here it must end the session.
+    no_reconnect = site_config(tmp_path, {"SshTunnel": {"reconnect_timeout": 0}})
+    s = start("alice", "-t", "10", tty=(how == "terminal-closed"), env_path=no_reconnect)
     try:
         s.wait_ready()
         job = s.job_id
@@ -385,3 +395,109 @@ def test_notebook_ui_and_status_json():
         assert s.finish() == 143
     finally:
         s.close()
+
+
+def test_site_defaults_come_from_the_shared_traitlets_config(tmp_path):
+    """jupyter_spunnel_jupyter_config.json on Jupyter's config path sets the CLI's defaults."""
+    config = {"SpunnelManager": {"partition": "debug", "time": "7", "mem": "700"}}
+    s = start("alice", env_path=site_config(tmp_path, config))
+    try:
+        s.wait_ready()
+        fields = subprocess.run(
+            ["squeue", "-h", "-j", str(s.job_id), "-o", "%P %l %m"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert fields == ["debug", "7:00", "700M"]
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+
+
+def test_tunnel_ssh_killed_is_reconnected_on_the_same_url_and_kernels_keep_working():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        url_before = s.url
+        os.kill(s.record["ssh_pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        s.wait_for(r"tunnel re-established after [\d.]+ s", timeout=10)
+        assert time.monotonic() - t0 < 3.0
+        assert (
+            execute(s.port, s.token, "import socket; print(socket.gethostname())").strip() == "c1"
+        )
+        assert as_user("alice", ["spunnel-notebook", "status"]).stdout.count(url_before) == 1
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+    assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
+
+
+def test_tunnel_not_re_established_within_the_bound_ends_the_session_cleanly(tmp_path):
+    cfg = site_config(tmp_path, {"SshTunnel": {"reconnect_timeout": 2}})
+    s = start("alice", "-t", "10", env_path=cfg)
+    try:
+        s.wait_ready()
+        job = s.job_id
+        pid = int(Path("/run/spunnel-test/sshd-c1.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(s.record["ssh_pid"], signal.SIGKILL)
+            assert s.finish(timeout=20) == 5
+        finally:
+            subprocess.run(["bash", str(Path(__file__).parents[1] / "cluster" / "up.sh")],
+                           check=True, capture_output=True)  # fmt: skip
+        assert "not re-established within 2 s" in s.output
+        assert f"job {job}" in s.output
+    finally:
+        s.close()
+    assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
+
+
+def test_forwards_added_and_cancelled_at_runtime():
+    s = start("alice", "-t", "10")
+    server = None
+    try:
+        s.wait_ready()
+        local = _free_port()
+        added = as_user("alice", ["spunnel-notebook", "forward", f"{local}:8050"])
+        assert added.returncode == 0 and f"forwarding 127.0.0.1:{local}" in added.stderr
+        again = as_user("alice", ["spunnel-notebook", "forward", f"{local}:8050"])
+        assert again.returncode == 2 and "already forwarded" in again.stderr
+        home = Path("/home/alice/srv8050")
+        home.mkdir(exist_ok=True)
+        (home / "who.txt").write_text("dash")
+        server = subprocess.Popen(
+            ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",
+             "8050", "--bind", "127.0.0.1", "--directory", str(home)],
+            user="alice", group="alice", extra_groups=[], cwd="/home/alice",
+            env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        import urllib.request
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{local}/who.txt", timeout=5) as r:
+                    assert r.read() == b"dash"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert f"{local}:8050" in as_user("alice", ["spunnel-notebook", "status"]).stdout
+        cancel = as_user("alice", ["spunnel-notebook", "forward", "--cancel", f"{local}:8050"])
+        assert cancel.returncode == 0, cancel
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{local}/who.txt", timeout=5)
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+        if server is not None:
+            server.kill()
+            server.wait()
+    assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
