@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SP:EP[,SP:EP...]",
         help="also forward login port SP to node port EP, like spunnel",
     )
+    jup.add_argument(
+        "--tunnel-mode",
+        choices=["auto", "forward", "reverse"],
+        default="",
+        help="forward: ssh from here to the node; reverse: the node dials back here "
+        "(no sshd needed on nodes); auto (default): forward, else reverse",
+    )
     other = p.add_argument_group("other")
     other.add_argument(
         "--status",
@@ -177,6 +184,7 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         port=args.port,
         ui=args.ui or "",
         tunnels=parse_port_pairs(args.tunnel) if args.tunnel else [],
+        tunnel_mode=args.tunnel_mode,
     )
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()

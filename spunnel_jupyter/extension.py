@@ -37,6 +37,7 @@ _FIELDS: dict[str, type] = {
     "reservation": str,
     "tunnels": str,
     "ui": str,
+    "tunnel_mode": str,
 }
 
 

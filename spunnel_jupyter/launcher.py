@@ -42,6 +42,19 @@ def emit(event: str, **fields: Any) -> None:
         sys.stdout.flush()
 
 
+def _fill(value: Any, **names: str) -> Any:
+    """Replace ``{name}`` placeholders in every string of a JSON-like value."""
+    if isinstance(value, str):
+        for name, text in names.items():
+            value = value.replace("{" + name + "}", text)
+        return value
+    if isinstance(value, list):
+        return [_fill(v, **names) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, **names) for k, v in value.items()}
+    return value
+
+
 def make_runtime_dir(base: str, job_id: str, restart: str) -> Path:
     """Create ``base/spunnel.JOB.RESTART`` (0700) or, if someone else's is there, a fresh one."""
     path = Path(base) / f"spunnel.{job_id}.{restart}"
@@ -84,7 +97,10 @@ def kill_leftovers() -> None:
 
 
 class Launcher:
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], commands: asyncio.StreamReader) -> None:
+        self.commands = commands
+        self.failure = ""  # why the launcher gave up (e.g. the reverse tunnel), if it did
+        self.reverse: asyncio.Future[None] | None = None
         self.token: str = settings["token"]
         self.ui: str = settings.get("ui", "lab")
         self.base: str = settings.get("runtime_base") or tempfile.gettempdir()
@@ -160,10 +176,12 @@ class Launcher:
         ready = asyncio.ensure_future(
             probes.wait_until(lambda: self._answers(sock), timeout=self.start_timeout, cap=0.1)
         )
+        listening: asyncio.Future[None] | None = None
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         failed = ready.done() and not ready.result()
         if ready.done() and ready.result():
             emit("ready", socket=str(sock), url_path="/tree" if self.ui == "notebook" else "/lab")
+            listening = asyncio.ensure_future(self._listen(rundir, sock))
         elif failed:
             emit(
                 "exited",
@@ -179,14 +197,86 @@ class Launcher:
             await process.stop(jupyter, grace=self.stop_grace)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(jupyter.pid, signal.SIGKILL)  # whatever Jupyter started in its group
+        if listening is not None:
+            listening.cancel()
+        if self.reverse is not None:
+            self.reverse.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.reverse
         if self.signal_name:
             emit("exited", reason="signal", signal=self.signal_name)
+        elif self.failure:
+            emit("exited", reason="tunnel-error", message=self.failure)
         elif not failed:
             emit("exited", reason="jupyter-exit", code=jupyter.returncode)
         code = jupyter.returncode
         stopping.cancel()
         await asyncio.wait({relay}, timeout=0.5)
         return 0 if code == 0 else 1
+
+    async def _listen(self, rundir: Path, sock: Path) -> None:
+        """Commands from the supervisor, one JSON object per line on stdin."""
+        async for line in self.commands:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                command = json.loads(line)
+                if command["cmd"] == "reverse" and self.reverse is None:
+                    plan = _fill(command["plan"], socket=str(sock), ctl=str(rundir / "ctl"))
+                    self.reverse = asyncio.ensure_future(self._dial_back(plan))
+
+    async def _dial_back(self, plan: dict[str, Any]) -> None:
+        """Reverse mode: keep ``ssh -R`` to the login host up, inside the job.
+
+        Rebuilt with capped exponential backoff when it dies; if that fails for longer than the
+        plan's reconnect_timeout, give up and end the session (the job ends with us).
+        """
+        ctl = Path(plan["check"][plan["check"].index("-S") + 1])
+        lost_since: float | None = None
+        delay = 0.05
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                ctl.unlink()
+            ssh = await asyncio.create_subprocess_exec(
+                *plan["argv"], stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            up = await self._wait_master(ssh, plan, ctl)
+            if up:
+                emit("tunnel", state="up", mode="reverse", host=plan["argv"][-1])
+                lost_since, delay = None, 0.05
+                await ssh.wait()
+            else:
+                await process.stop(ssh, grace=0.5)
+            err = (await ssh.stderr.read()).decode(errors="replace").strip() if ssh.stderr else ""
+            now = asyncio.get_running_loop().time()
+            if lost_since is None:
+                lost_since = now
+                emit("tunnel", state="lost", mode="reverse", message=err[-300:])
+            if now - lost_since > float(plan["reconnect_timeout"]):
+                self.failure = (
+                    f"the reverse tunnel to {plan['argv'][-1]} could not be (re-)established "
+                    f"within {float(plan['reconnect_timeout']):g} s: {err[-300:] or 'no answer'}"
+                )
+                self.stopping.set()
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _wait_master(
+        self, ssh: asyncio.subprocess.Process, plan: dict[str, Any], ctl: Path
+    ) -> bool:
+        async def checked() -> bool:
+            if ssh.returncode is not None:
+                return True  # stop waiting: it died
+            if not ctl.exists():
+                return False
+            check = await asyncio.create_subprocess_exec(
+                *plan["check"], stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            return await check.wait() == 0
+
+        await probes.wait_until(checked, timeout=float(plan["connect_timeout"]), cap=0.1)
+        return ssh.returncode is None and ctl.exists()
 
     async def _answers(self, sock: Path) -> bool:
         try:
@@ -210,15 +300,22 @@ class Launcher:
                 sys.stderr.flush()
 
 
-def main() -> int:
-    line = sys.stdin.readline()
+async def amain() -> int:
+    # stdin is srun's channel from the supervisor: the settings line, then commands.
+    stdin = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     try:
-        settings = json.loads(line)
+        settings = json.loads(await asyncio.wait_for(stdin.readline(), 60))
         settings["token"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, asyncio.TimeoutError):
         emit("exited", reason="error", message="no settings on stdin: run me through spunnel")
         return 2
-    return asyncio.run(Launcher(settings).run())
+    return await Launcher(settings, stdin).run()
+
+
+def main() -> int:
+    return asyncio.run(amain())
 
 
 if __name__ == "__main__":

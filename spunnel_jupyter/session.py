@@ -90,6 +90,7 @@ class SessionRequest:
     port: int | None = None
     ui: str = "lab"
     tunnels: list[PortPair] = field(default_factory=list)
+    tunnel_mode: str = ""  # auto, forward or reverse; empty: SshTunnel.mode
 
 
 @dataclass
@@ -202,6 +203,7 @@ class SpunnelManager(LoggingConfigurable):
         port: int | None = None,
         ui: str = "",
         tunnels: list[PortPair] | None = None,
+        tunnel_mode: str = "",
         **job: Any,
     ) -> SessionRequest:
         """A request with the site defaults filled in and its syntax checked."""
@@ -216,7 +218,10 @@ class SpunnelManager(LoggingConfigurable):
             port=check_port(port, "--port") if port else None,
             ui=ui or self.ui,
             tunnels=list(tunnels or []),
+            tunnel_mode=tunnel_mode,
         )
+        if tunnel_mode not in ("", "auto", "forward", "reverse"):
+            raise UsageError(f"unknown tunnel mode {tunnel_mode!r}", "use auto, forward or reverse")
         req.job.extra = [*self.srun_args, *req.job.extra]
         if req.ui not in ("lab", "notebook"):
             raise UsageError(f"unknown UI {req.ui!r}", "use 'lab' or 'notebook'")
@@ -439,6 +444,10 @@ class Session:
         self._stop_outcome: Outcome | None = None
         self._ready = asyncio.Event()
         self._node_ready_event = asyncio.Event()
+        self._reverse_up = asyncio.Event()
+        self._node_gave_up = asyncio.Event()
+        self._reverse_said = ""
+        self.tunnel_mode = ""
         self._node_url_path = ""
         self._task: asyncio.Task[Outcome] | None = None
         self._readers: list[asyncio.Future[None]] = []
@@ -467,6 +476,7 @@ class Session:
             "port": self.port,
             "tunnels": [str(p) for p in self.req.tunnels],
             "tunnel_state": self.tunnel_state,
+            "tunnel_mode": self.tunnel_mode,
             "notes": self.notes[-20:],
             "end_time": self.end_time,
             "times": self.times,
@@ -578,9 +588,11 @@ class Session:
         building: asyncio.Future[None] | None = asyncio.ensure_future(self._wait_node_ready())
         try:
             while True:
-                watched = building or tunnel_exit
-                assert watched is not None
-                await asyncio.wait({srun_exit, stop, watched}, return_when=asyncio.FIRST_COMPLETED)
+                watched = {srun_exit, stop}
+                for task in (building, tunnel_exit):  # none in reverse mode: the node watches
+                    if task is not None:
+                        watched.add(task)
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
                 if stop.done():
                     assert self._stop_outcome is not None
                     return self._stop_outcome
@@ -590,8 +602,8 @@ class Session:
                 if building is not None and building.done():
                     building.result()  # raises if Jupyter or the tunnel failed
                     building = None
-                    assert self.tunnel is not None
-                    tunnel_exit = asyncio.ensure_future(self.tunnel.proc.wait())
+                    if self.tunnel is not None and self.tunnel_mode == "forward":
+                        tunnel_exit = asyncio.ensure_future(self.tunnel.proc.wait())
                 elif tunnel_exit is not None and tunnel_exit.done():
                     lost = f"the tunnel's ssh to {self.node} exited ({tunnel_exit.result()})"
                     if self.manager.tunnel.reconnect_timeout <= 0:
@@ -610,7 +622,21 @@ class Session:
         self._set(phase=Phase.STARTING)
         self.times["jupyter_ready"] = time.time()
         m = self.manager
-        await self._open_tunnel()
+        mode = self.req.tunnel_mode or m.tunnel.mode
+        if mode != "reverse":
+            try:
+                await self._open_tunnel()
+            except TunnelError as e:
+                if mode == "forward":
+                    raise
+                mode = "reverse"
+                self.announce(
+                    f"{e.message}; falling back to reverse mode "
+                    f"(the node dials back to {m.tunnel.reverse_host})"
+                )
+        if mode == "reverse":
+            await self._open_reverse()
+        self.tunnel_mode = mode
         url_path = self._node_url_path or "/lab"
         self.url = f"http://127.0.0.1:{self.port}{url_path}?token={self.token}"
         self.times["ready"] = time.time()
@@ -630,6 +656,35 @@ class Session:
             self.node, self.state.file(CONTROL_PATH), forwards, self._log
         )
         self._save()
+        await self._check_url()
+
+    async def _open_reverse(self) -> None:
+        """Reverse mode: ask the launcher to dial back; return once Jupyter answers here."""
+        m = self.manager
+        plan = m.tunnel.reverse_plan(self.port, self.req.tunnels)
+        assert self.srun is not None and self.srun.stdin is not None
+        self.srun.stdin.write((json.dumps({"cmd": "reverse", "plan": plan}) + "\n").encode())
+        up = asyncio.ensure_future(self._reverse_up.wait())
+        gave_up = asyncio.ensure_future(self._node_gave_up.wait())
+        try:
+            await asyncio.wait(
+                {up, gave_up}, timeout=m.tunnel.connect_timeout + m.tunnel.reconnect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+        finally:
+            up.cancel()
+            gave_up.cancel()
+        if not self._reverse_up.is_set():
+            raise TunnelError(
+                f"the node could not dial back to {m.tunnel.reverse_host}: "
+                f"{self._node_exit.get('message') or self._reverse_said or 'no answer'}",
+                "check that the nodes can `ssh` to this host (c.SshTunnel.reverse_host)",
+            )
+        await self._check_url()
+
+    async def _check_url(self) -> None:
+        """Jupyter must answer through the tunnel with the token before anyone sees the URL."""
+        m = self.manager
 
         async def answers() -> bool:
             try:
@@ -678,8 +733,13 @@ class Session:
     # -- runtime forwards --------------------------------------------------------------------
     async def forward(self, pair: PortPair, cancel: bool = False) -> str:
         """Add (or cancel) a port pair on the running master: `-O forward` / `-O cancel`."""
-        if self.tunnel is None or self.phase is not Phase.READY:
+        if self.phase is not Phase.READY:
             raise UsageError("the session is not ready yet", "try again once the URL is shown")
+        if self.tunnel is None or self.tunnel_mode != "forward":
+            raise UsageError(
+                "forwards can be added at runtime in forward mode only",
+                "start the session with --tunnel SP:EP instead",
+            )
         known = pair in self.req.tunnels
         if cancel and not known:
             raise UsageError(f"{pair} is not forwarded", "see `spunnel-notebook status`")
@@ -736,6 +796,9 @@ class Session:
                 self._node_ready_event.set()
             elif kind == "exited":
                 self._node_exit = event
+                self._node_gave_up.set()
+            elif kind == "tunnel":
+                self._on_reverse_tunnel(event)
 
     _QUEUED = re.compile(r"srun: job (\d+) queued and waiting for resources")
     _ALLOCATED = re.compile(r"srun: job (\d+) has been allocated resources")
@@ -760,6 +823,18 @@ class Session:
             elif self._SLURM_SAYS.match(line):
                 self._slurm_said.append(line)
 
+    def _on_reverse_tunnel(self, event: dict[str, Any]) -> None:
+        if event.get("state") == "up":
+            if self.tunnel_state == "reconnecting":
+                self._set(tunnel_state="up")
+                self.announce("the node re-established the reverse tunnel; the URL is unchanged")
+            self._reverse_up.set()
+        elif event.get("state") == "lost":
+            self._reverse_said = event.get("message", "")
+            if self._reverse_up.is_set():
+                self._set(tunnel_state="reconnecting")
+                self.announce(f"the reverse tunnel from {self.node} was lost; reconnecting")
+
     async def _poll_job(self) -> None:
         """Refresh Slurm's pending reason, then the end time; srun reports the start itself."""
         m = self.manager
@@ -781,6 +856,8 @@ class Session:
         node = self._node_exit
         if self.job_id is None and code != 0 and "Unable to allocate" in said:
             raise classify_error(said)
+        if node.get("reason") == "tunnel-error":
+            raise TunnelError(str(node.get("message")), f"see {self.state.file(LOG)}")
         if node.get("reason") == "error":
             raise JupyterError(
                 f"Jupyter failed on {self.node or 'the node'}: {node.get('message')}",

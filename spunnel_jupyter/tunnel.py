@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
+import time
+from asyncio.subprocess import PIPE
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from traitlets import Float, Int, List, Unicode
+from traitlets import Enum, Float, Int, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import probes, process
@@ -69,8 +73,26 @@ def pair_forward(pair: PortPair) -> str:
 
 
 class SshTunnel(LoggingConfigurable):
-    """How to run ssh from the login host to the node. One instance serves every session."""
+    """How to run ssh between the login host and the node. One instance serves every session.
 
+    Forward mode: the login host runs ``ssh -N -M -L 127.0.0.1:PORT:<socket> node``. Reverse
+    mode: the launcher on the node runs ``ssh -N -M -R 127.0.0.1:PORT:<socket> login-host`` inside
+    the job, so the node needs no sshd (the argv is built here and sent to it over srun's stdin).
+    """
+
+    mode = Enum(
+        ["auto", "forward", "reverse"],
+        "auto",
+        config=True,
+        help="""forward: ssh from the login host to the node. reverse: the node dials back to the
+        login host (for clusters whose nodes refuse inbound ssh). auto: forward, falling back to
+        reverse once when ssh to the node is refused.""",
+    )
+    reverse_host = Unicode(
+        config=True,
+        help="""This login host's name or address as the compute nodes reach it (reverse mode).
+        Default: this host's name.""",
+    )
     ssh_command = List(
         Unicode(),
         ["ssh"],
@@ -101,8 +123,20 @@ class SshTunnel(LoggingConfigurable):
         config=True,
         help="Seconds to wait for the tunnel to be up (ssh connected and forwards bound).",
     )
+    adopt_retry_timeout = Float(
+        15.0,
+        config=True,
+        help="""pam_slurm_adopt refuses ssh to a node for a moment after the job starts: retry
+        that refusal (short backoff) for up to this many seconds before giving up.""",
+    )
 
-    def argv(self, host: str, control_path: Path, forwards: Sequence[str]) -> list[str]:
+    @default("reverse_host")
+    def _reverse_host_default(self) -> str:
+        return socket.gethostname()
+
+    def argv(
+        self, host: str, control_path: Path | str, forwards: Sequence[str], flag: str = "-L"
+    ) -> list[str]:
         return [
             *self.ssh_command,
             "-N",
@@ -121,44 +155,82 @@ class SshTunnel(LoggingConfigurable):
             f"ServerAliveInterval={self.server_alive_interval}",
             "-o",
             "ServerAliveCountMax=3",
-            "-o",
-            "ClearAllForwardings=no",
-            *[arg for spec in forwards for arg in ("-L", spec)],
+            *[arg for spec in forwards for arg in (flag, spec)],
             *self.ssh_options,
             "--",
             host,
         ]
 
-    def control(self, host: str, control_path: Path, op: str) -> list[str]:
+    def control(self, host: str, control_path: Path | str, op: str) -> list[str]:
         return [*self.ssh_command, "-S", str(control_path), "-O", op, *self.ssh_options, host]
+
+    def reverse_plan(self, port: int, pairs: Sequence[PortPair]) -> dict[str, object]:
+        """What the launcher needs to dial back: argvs with ``{socket}``/``{ctl}`` to fill in."""
+        forwards = [f"127.0.0.1:{port}:{{socket}}"]
+        forwards += [f"127.0.0.1:{p.local}:localhost:{p.remote}" for p in pairs]
+        host = self.reverse_host
+        return {
+            "argv": self.argv(host, "{ctl}", forwards, flag="-R"),
+            "check": self.control(host, "{ctl}", "check"),
+            "exit": self.control(host, "{ctl}", "exit"),
+            "connect_timeout": self.connect_timeout,
+            "reconnect_timeout": self.reconnect_timeout,
+        }
 
     async def open(
         self, host: str, control_path: Path, forwards: Sequence[str], log: IO[bytes]
     ) -> Tunnel:
-        """Start the master; return once ``-O check`` succeeds. Raises TunnelError."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(control_path)  # a leftover socket would make -M fail
-        try:
-            proc = await process.spawn(
-                self.argv(host, control_path, forwards), stdout=log, stderr=log
-            )
-        except FileNotFoundError as e:
-            raise TunnelError(f"{self.ssh_command[0]!r} not found", "install OpenSSH") from e
-        tunnel = Tunnel(self, host, control_path, proc)
-        await tunnel.wait_ready(self.connect_timeout)
-        return tunnel
+        """Start the master; return once ``-O check`` succeeds. Raises TunnelError.
+
+        A pam_slurm_adopt refusal right after the job started is retried with short backoff.
+        """
+        deadline = time.monotonic() + self.adopt_retry_timeout
+        delay = 0.2
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(control_path)  # a leftover socket would make -M fail
+            try:
+                proc = await process.spawn(
+                    self.argv(host, control_path, forwards), stdout=log, stderr=PIPE
+                )
+            except FileNotFoundError as e:
+                raise TunnelError(f"{self.ssh_command[0]!r} not found", "install OpenSSH") from e
+            tunnel = Tunnel(self, host, control_path, proc, log)
+            try:
+                await tunnel.wait_ready(self.connect_timeout)
+                return tunnel
+            except TunnelError:
+                adopting = "pam_slurm_adopt" in " ".join(tunnel.said)
+                if not adopting or time.monotonic() + delay > deadline:
+                    raise
+            log.write(b"spunnel: pam_slurm_adopt refused ssh (job just started?); retrying\n")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class Tunnel:
     """One running ControlMaster; owned by the session that opened it."""
 
     def __init__(
-        self, config: SshTunnel, host: str, control_path: Path, proc: asyncio.subprocess.Process
+        self,
+        config: SshTunnel,
+        host: str,
+        control_path: Path,
+        proc: asyncio.subprocess.Process,
+        log: IO[bytes],
     ) -> None:
         self.config = config
         self.host = host
         self.control_path = control_path
         self.proc = proc
+        self.said: deque[str] = deque(maxlen=20)  # ssh's last words, for error messages
+        self._stderr = asyncio.ensure_future(self._read_stderr(log))
+
+    async def _read_stderr(self, log: IO[bytes]) -> None:
+        assert self.proc.stderr is not None
+        async for raw in self.proc.stderr:
+            log.write(raw)
+            self.said.append(raw.decode(errors="replace").strip())
 
     @property
     def pid(self) -> int:
@@ -181,8 +253,11 @@ class Tunnel:
             ready.cancel()
             exited.cancel()
         if self.proc.returncode is not None:
+            await asyncio.wait({self._stderr}, timeout=1)
+            why = next((line for line in reversed(self.said) if line), "")
             raise TunnelError(
-                f"ssh to {self.host} failed (exit {self.proc.returncode})",
+                f"ssh to {self.host} failed (exit {self.proc.returncode}"
+                + (f": {why})" if why else ")"),
                 f"check that you can `ssh {self.host}` without a password; see the session log",
             )
         if not ready.result():
@@ -194,9 +269,9 @@ class Tunnel:
 
     async def forward(self, spec: str, cancel: bool = False) -> None:
         """Add (``-O forward``) or remove (``-O cancel``) a -L forward on the running master."""
-        argv = [*self.config.ssh_command, "-S", str(self.control_path),
-                "-O", "cancel" if cancel else "forward", "-L", spec,
-                *self.config.ssh_options, self.host]  # fmt: skip
+        op = "cancel" if cancel else "forward"
+        argv = self.config.control(self.host, self.control_path, op)
+        argv[-1:-1] = ["-L", spec]
         result = await process.run(argv, timeout=10)
         if result.returncode != 0:
             raise TunnelError(
@@ -213,5 +288,6 @@ class Tunnel:
                     self.config.control(self.host, self.control_path, "exit"), timeout=grace
                 )
         await process.stop(self.proc, grace=grace)
+        self._stderr.cancel()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)

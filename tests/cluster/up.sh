@@ -553,6 +553,14 @@ wait "$login_check" ||
 ((rc)) || echo "$stamp" >"$RUN/venv-checked"
 
 # ---------------------------------------------------------------------------------------------------------
+# 8b. The site's spunnel-jupyter configuration, as an administrator would write it: the nodes reach this
+# login host as spunnel-login (its own name resolves to their loopback inside c1's namespace).
+install -d -m 0755 /etc/jupyter
+write_if_changed /etc/jupyter/jupyter_spunnel_jupyter_config.json 0644 <<EOF || true
+{"SshTunnel": {"reverse_host": "spunnel-login"}}
+EOF
+
+# ---------------------------------------------------------------------------------------------------------
 # 9. What the tests read.
 write_if_changed "$RUN/cluster.env" 0644 <<EOF || true
 PROCTRACK=$PROCTRACK

@@ -442,14 +442,12 @@ def test_tunnel_not_re_established_within_the_bound_ends_the_session_cleanly(tmp
     try:
         s.wait_ready()
         job = s.job_id
-        pid = int(Path("/run/spunnel-test/sshd-c1.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
+        stop_c1_sshd()
         try:
             os.kill(s.record["ssh_pid"], signal.SIGKILL)
             assert s.finish(timeout=20) == 5
         finally:
-            subprocess.run(["bash", str(Path(__file__).parents[1] / "cluster" / "up.sh")],
-                           check=True, capture_output=True)  # fmt: skip
+            restart_c1_sshd()  # fmt: skip
         assert "not re-established within 2 s" in s.output
         assert f"job {job}" in s.output
     finally:
@@ -500,4 +498,80 @@ def test_forwards_added_and_cancelled_at_runtime():
         if server is not None:
             server.kill()
             server.wait()
+    assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
+
+
+def stop_c1_sshd() -> None:
+    """Stop c1's sshd listener (live connections stay), as on nodes that refuse inbound ssh."""
+    pid = int(Path("/run/spunnel-test/sshd-c1.pid").read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while as_user("alice", ["ssh", "-o", "BatchMode=yes", "c1", "true"]).returncode == 0:
+        assert time.monotonic() < deadline, "c1's sshd does not stop"
+        time.sleep(0.1)
+
+
+def restart_c1_sshd() -> None:
+    up = Path(__file__).parents[1] / "cluster" / "up.sh"
+    subprocess.run(["bash", str(up)], check=True, capture_output=True, timeout=300)
+
+
+@pytest.fixture
+def no_sshd_on_c1():
+    stop_c1_sshd()
+    yield
+    restart_c1_sshd()
+
+
+def _cgroup_of(pid: int) -> str:
+    return Path(f"/proc/{pid}/cgroup").read_text()
+
+
+def test_reverse_mode_needs_no_sshd_on_the_node(no_sshd_on_c1):
+    p1 = _free_port()
+    s = start("alice", "-t", "10", "--tunnel-mode", "reverse", "--tunnel", f"{p1}:8000")
+    try:
+        s.wait_ready()
+        assert "falling back" not in s.output
+        job = s.job_id
+        out = execute(s.port, s.token, "import os, socket; print(os.environ['SLURM_JOB_ID'], "
+                      "socket.gethostname())")  # fmt: skip
+        assert out.split() == [str(job), "c1"]
+        record = json.loads(as_user("alice", ["spunnel-notebook", "status", "--json"]).stdout)
+        assert record["tunnel_mode"] == "reverse" and record["tunnel_state"] == "up"
+        # The ssh that carries the tunnel runs on the node, inside the job (Slurm accounts for it
+        # and kills it with the job): no ssh of alice's runs on the login side.
+        ssh = [(pid, cmd) for pid, cmd in procs_of("alice") if cmd.startswith("ssh ")]
+        assert len(ssh) == 1 and "-R" in ssh[0][1] and "spunnel-login" in ssh[0][1], ssh
+        env = dict(
+            line.split("=", 1) for line in Path("/run/spunnel-test/cluster.env").read_text().split()
+        )
+        if env.get("PROCTRACK") == "cgroup":
+            assert f"job_{job}" in _cgroup_of(ssh[0][0])
+        # Killing it: the node dials back again, same URL.
+        os.kill(ssh[0][0], signal.SIGKILL)
+        s.wait_for(r"re-established the reverse tunnel", timeout=10)
+        assert execute(s.port, s.token, "print(1+1)").strip() == "2"
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+    elapsed, left = wait_clean("alice", timeout=10)
+    assert not left, left
+    assert elapsed <= TEARDOWN_LIMIT
+
+
+def test_auto_mode_falls_back_to_reverse_when_the_node_refuses_ssh(no_sshd_on_c1):
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        assert s.output.count("falling back to reverse mode") == 1
+        assert "Connection refused" in s.output
+        assert (
+            execute(s.port, s.token, "import socket; print(socket.gethostname())").strip() == "c1"
+        )
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
     assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
