@@ -35,6 +35,7 @@ commands:
   stop              end this host's session, whichever terminal or JupyterLab started it
   forward SP:EP     forward login port SP to node port EP in the running session
   forward --cancel SP:EP   remove that forward
+  doctor [--allocate]      check Slurm, ssh, the node's Jupyter and this account; a table
 
 exit codes:
   0 session ended normally   2 bad input   3 a session is already running   4 Slurm problem
@@ -323,8 +324,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         cut = argv.index("--")
         argv, srun_extra = argv[:cut], argv[cut + 1 :]
     command = None
-    if argv and argv[0] in ("status", "stop", "start", "forward"):
+    if argv and argv[0] in ("status", "stop", "start", "forward", "doctor"):
         command, argv = argv[0], argv[1:]
+    if command == "doctor":
+        p = argparse.ArgumentParser(
+            prog=f"{PROG} doctor",
+            description="Check what this site and this account allow; exit 1 if something fails.",
+        )
+        p.add_argument(
+            "--allocate",
+            action="store_true",
+            help="also run a one-minute test job (node's Jupyter, ssh both ways)",
+        )
+        p.add_argument("--debug", action="store_true")
+        args = p.parse_args(argv)
+        args.command = command
+        return args
     if command == "forward":
         p = argparse.ArgumentParser(
             prog=f"{PROG} forward",
@@ -361,6 +376,12 @@ def _main(argv: list[str]) -> int:
         manager = make_manager(args.debug)
         if args.command == "forward":
             return forward(manager, args, console)
+        if args.command == "doctor":
+            from .doctor import render, run_checks
+
+            checks = asyncio.run(run_checks(manager, args.allocate))
+            console.say(render(checks), sys.stdout)
+            return ExitCode.ERROR if any(c.status == "FAIL" for c in checks) else ExitCode.OK
         if args.command == "status":
             return show_status(manager, args.json, console)
         if args.command == "stop":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -575,3 +576,32 @@ def test_auto_mode_falls_back_to_reverse_when_the_node_refuses_ssh(no_sshd_on_c1
     finally:
         s.close()
     assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
+
+
+def test_doctor_on_a_healthy_cluster():
+    result = as_user("alice", ["spunnel-notebook", "doctor", "--allocate"], timeout=180)
+    assert result.returncode == 0, result
+    rows = {line[:27].strip(): line[27:] for line in result.stdout.splitlines()[2:]}
+    for check in ("Slurm commands", "Slurm controller", "state directory", "ssh client",
+                  "test allocation", "Jupyter on the node", "ssh to the node",
+                  "reverse path to this host"):  # fmt: skip
+        assert rows[check].startswith("ok"), (check, result.stdout)
+    assert "on c1" in rows["test allocation"]
+    assert "c1 -> spunnel-login: ssh works" in rows["reverse path to this host"]
+    assert squeue("alice") == []
+
+
+def test_doctor_on_a_broken_cluster(unreachable_slurm_conf):
+    dead = as_user("alice", ["spunnel-notebook", "doctor"], timeout=120,
+                   SLURM_CONF=unreachable_slurm_conf)  # fmt: skip
+    assert dead.returncode == 1
+    assert re.search(r"Slurm controller\s+FAIL\s+the Slurm controller does not answer", dead.stdout)
+    assert "-> try again in a minute" in dead.stdout
+    stop_c1_sshd()
+    try:
+        refused = as_user("alice", ["spunnel-notebook", "doctor", "--allocate"], timeout=180)
+    finally:
+        restart_c1_sshd()
+    assert re.search(r"ssh to the node\s+warn\s+refused: .*Connection refused", refused.stdout)
+    assert "fall back to reverse mode" in refused.stdout
+    assert squeue("alice") == []
