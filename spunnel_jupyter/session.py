@@ -646,6 +646,8 @@ class Session:
             self.end_time = info.end_time
         self._set(phase=Phase.READY)
         self._ready.set()
+        if mode == "forward":
+            await self._warn_if_adoption_is_ambiguous()  # after the URL: it need not wait
 
     async def _open_tunnel(self) -> None:
         """Start the ControlMaster with all forwards; return once Jupyter answers through it."""
@@ -657,6 +659,23 @@ class Session:
         )
         self._save()
         await self._check_url()
+
+    async def _warn_if_adoption_is_ambiguous(self) -> None:
+        """pam_slurm_adopt puts an ssh into one of the user's jobs on the node: say if it has a
+        choice (the tunnel may then be accounted to, and die with, another job)."""
+        try:
+            others = [
+                job_id
+                for job_id, _, state in await self.manager.slurm.my_jobs(node=self.node)
+                if job_id != self.job_id and state is JobState.RUNNING
+            ]
+        except SpunnelError:
+            return
+        if others:
+            self.announce(
+                f"you have other jobs on {self.node} ({', '.join(map(str, others))}): on sites "
+                "with pam_slurm_adopt the tunnel may be adopted into one of them and end with it"
+            )
 
     async def _open_reverse(self) -> None:
         """Reverse mode: ask the launcher to dial back; return once Jupyter answers here."""

@@ -302,9 +302,12 @@ class SlurmCLI(LoggingConfigurable):
         """True while squeue still lists the job (pending, running or completing)."""
         return (await self.job(job_id)).state.active
 
-    async def my_jobs(self) -> list[tuple[int, str, JobState]]:
-        """(job id, comment, state) of this user's jobs in the queue."""
-        result = await self._query("squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%k|%T")
+    async def my_jobs(self, node: str = "") -> list[tuple[int, str, JobState]]:
+        """(job id, comment, state) of this user's jobs in the queue (on ``node`` if given)."""
+        where = ["-w", node] if node else []
+        result = await self._query(
+            "squeue", "-h", "-u", getpass.getuser(), *where, "-o", "%i|%k|%T"
+        )
         if result.returncode != 0:
             raise classify_error(result.stderr)
         jobs = []

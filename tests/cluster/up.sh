@@ -16,6 +16,9 @@
 #                              jupyter_server into the venv instead), for working on this script alone
 #   SPUNNEL_PROCTRACK=linuxproc  force proctrack/linuxproc + task/none even where cgroup v1 is available
 #   SPUNNEL_NODE_CORES=N       cores c1 declares (default 16: sixteen one-CPU jobs at once, 500 MB each)
+#   SPUNNEL_ADOPT=1            the pam_slurm_adopt variant: PrologFlags=contain, and c1's sshd (PAM service
+#                              sshd-adopt) admits a user only into a job of theirs on c1 (needs cgroup v1).
+#                              Running up.sh without it switches back to the plain cluster.
 set -Eeuo pipefail
 
 T0=$(date +%s.%N)
@@ -34,6 +37,7 @@ readonly MARK='# spunnel-test'
 readonly VENV_ROOT=/opt/spunnel VENV=/opt/spunnel/venv
 readonly USERS=(alice bob)
 readonly NODE_CORES=${SPUNNEL_NODE_CORES:-16} # declared, not real: see SlurmdParameters=config_overrides
+readonly ADOPT=${SPUNNEL_ADOPT:-0}
 readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
     openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl
     chromium fonts-dejavu-core)
@@ -251,6 +255,13 @@ else
 TaskPlugin=task/none"
 fi
 
+prolog_flags=""
+if [[ $ADOPT == 1 ]]; then
+    [[ $PROCTRACK == cgroup ]] || die "SPUNNEL_ADOPT=1 needs proctrack/cgroup (cgroup v1 controllers)"
+    # pam_slurm_adopt puts ssh sessions into the job's extern step, which this creates (~3 s per job).
+    prolog_flags="PrologFlags=contain"
+fi
+
 install -d -o slurm -g slurm -m 0755 /var/spool/slurmctld /var/log/slurm
 install -d -o root -g root -m 0755 "/var/spool/slurmd-$NODE"
 slurm_changed=false
@@ -264,6 +275,7 @@ CryptoType=crypto/munge
 MpiDefault=none
 SwitchType=switch/none
 $plugins
+$prolog_flags
 StateSaveLocation=/var/spool/slurmctld
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
@@ -384,9 +396,9 @@ done
 # ---------------------------------------------------------------------------------------------------------
 # 7. Two sshds, each with its own config and host key.
 install -d -m 0755 /run/sshd
-sshd_conf() { # sshd_conf NAME LISTEN...
-    local name=$1 a
-    shift
+sshd_conf() { # sshd_conf NAME USEPAM LISTEN...
+    local name=$1 usepam=$2 a
+    shift 2
     echo "# Written by tests/cluster/up.sh (spunnel-jupyter test cluster)."
     for a in "$@"; do echo "ListenAddress $a"; done
     cat <<EOF
@@ -396,7 +408,7 @@ PubkeyAuthentication yes
 AuthorizedKeysFile .ssh/authorized_keys
 PasswordAuthentication no
 KbdInteractiveAuthentication no
-UsePAM no
+UsePAM $usepam
 PermitRootLogin no
 AllowTcpForwarding yes
 AllowStreamLocalForwarding yes
@@ -429,7 +441,9 @@ sshd_listens() {
 ensure_sshd() {
     local side=$1 netns=$2 name=sshd-$1 a held=""
     shift 2
-    if alive "$name" sshd && { [[ $netns == - ]] || in_c1 "$(pid_of "$name")"; } &&
+    local bin=/usr/sbin/sshd
+    [[ $side == c1 && $ADOPT == 1 ]] && bin=$SSHD_ADOPT
+    if alive "$name" "${bin##*/}" && { [[ $netns == - ]] || in_c1 "$(pid_of "$name")"; } &&
         sshd_listens "$name" "$netns" "$@"; then
         return 0
     fi
@@ -438,7 +452,7 @@ ensure_sshd() {
         launch "$name" /usr/sbin/sshd -D -e -f "$ETC/sshd_config.$side"
     else
         launch "$name" nsenter --net="/run/netns/$netns" unshare --uts \
-            sh -c "hostname $NODE && exec /usr/sbin/sshd -D -e -f $ETC/sshd_config.$side"
+            sh -c "hostname $NODE && exec $bin -D -e -f $ETC/sshd_config.$side"
     fi
     if ! wait_until 10 sshd_listens "$name" "$netns" "$@"; then
         for a in "$@"; do held+=" $a held by $(port_owner "$netns" "$a");"; done
@@ -446,13 +460,26 @@ ensure_sshd() {
     fi
     say "sshd ($side, $*): started"
 }
+# The adoption variant: the PAM service name is sshd's program name, hence a link of its own.
+readonly SSHD_ADOPT=/usr/local/sbin/sshd-adopt
+c1_pam=no
+if [[ $ADOPT == 1 ]]; then
+    c1_pam=yes
+    ln -sfn /usr/sbin/sshd "$SSHD_ADOPT"
+    write_if_changed /etc/pam.d/sshd-adopt 0644 <<EOF || true
+# Written by tests/cluster/up.sh (pam_slurm_adopt variant of the spunnel-jupyter test cluster).
+account    required     pam_slurm_adopt.so nodename=$NODE
+@include common-account
+@include common-session-noninteractive
+EOF
+fi
 for side in c1 login; do
     key=$ETC/ssh_host_ed25519_key.$side
     [[ -s $key && -s $key.pub ]] || { rm -f "$key" "$key.pub"; quiet ssh-keygen -q -t ed25519 -N '' -C "sshd-$side@spunnel-test" -f "$key"; }
     if [[ $side == c1 ]]; then
-        sshd_conf c1 "$NODE_ADDR:22" | write_if_changed "$ETC/sshd_config.c1" 0644 && stop sshd-c1
+        sshd_conf c1 "$c1_pam" "$NODE_ADDR:22" | write_if_changed "$ETC/sshd_config.c1" 0644 && stop sshd-c1
     else
-        sshd_conf login "$LOGIN_ADDR:22" "127.0.0.1:$SSHD_LOGIN_PORT" |
+        sshd_conf login no "$LOGIN_ADDR:22" "127.0.0.1:$SSHD_LOGIN_PORT" |
             write_if_changed "$ETC/sshd_config.login" 0644 && stop sshd-login
     fi
     quiet /usr/sbin/sshd -t -f "$ETC/sshd_config.$side"
@@ -564,6 +591,7 @@ EOF
 # 9. What the tests read.
 write_if_changed "$RUN/cluster.env" 0644 <<EOF || true
 PROCTRACK=$PROCTRACK
+ADOPT=$ADOPT
 LOGIN_HOST=$LOGIN_HOST
 LOGIN_ADDR=$LOGIN_ADDR
 NODE=$NODE
