@@ -1,0 +1,185 @@
+"""The JupyterLab panel, end to end: a real JupyterLab (login side, as alice) in Debian's chromium,
+the real server extension, real Slurm jobs on c1, and the notebook tab the panel opens.
+
+Fails (never skips) when chromium, Playwright or the cluster is missing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from .browser import CHROMIUM_ARGS, VENV, Lab, chromium_path, jupyterlab
+from .cluster import squeue, start
+from .jupyter_client_util import execute
+
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError as e:  # a missing dependency is a failure, not a skip
+    raise ImportError(f"{e}: install the project's [test] extra (tests/cluster/up.sh does)") from e
+
+USER = "alice"
+TILE = "Jupyter on a compute node"
+WAITING = ('[data-testid="spunnel-phase"][data-phase="pending"],'
+           '[data-testid="spunnel-phase"][data-phase="starting"]')  # fmt: skip
+READY = '[data-testid="spunnel-phase"][data-phase="ready"]'
+
+
+@dataclass
+class Browser:
+    """A chromium tab on the lab, and what it did that tests check."""
+
+    lab: Lab
+    page: Page
+    errors: list[str] = field(default_factory=list)  # uncaught exceptions in the page
+    api_calls: list[str] = field(default_factory=list)  # "METHOD /path" to spunnel/api
+
+    def open_panel(self) -> None:
+        """Load JupyterLab and click the launcher tile."""
+        self.page.goto(self.lab.url)
+        tile = self.page.locator(".jp-LauncherCard", has_text=TILE)
+        expect(tile).to_be_visible(timeout=60_000)
+        assert tile.get_attribute("data-category") == "HPC"
+        tile.click()
+
+
+@pytest.fixture
+def browser(cluster: dict[str, str], artifacts: Path) -> Iterator[Browser]:
+    executable = chromium_path()  # before starting anything
+    with jupyterlab(USER, artifacts) as lab, sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = chromium.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            b = Browser(lab, page)
+            page.on("pageerror", lambda exc: b.errors.append(str(exc)))
+            page.on("request", lambda r: b.api_calls.append(f"{r.method} {urlparse(r.url).path}")
+                    if "/spunnel/api/" in r.url else None)  # fmt: skip
+            yield b
+            assert not b.errors, f"uncaught errors in the page: {b.errors}"
+        finally:
+            chromium.close()
+
+
+def test_labextension_is_installed() -> None:
+    out = subprocess.run([str(VENV / "bin" / "jupyter"), "labextension", "list"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+    assert re.search(r"spunnel-jupyter v\S+ enabled OK \(python, spunnel-jupyter\)", text), text
+
+
+def test_start_open_stop_from_the_panel(
+    browser: Browser, cluster: dict[str, str], artifacts: Path
+) -> None:
+    page, lab = browser.page, browser.lab
+    browser.open_panel()
+
+    # The form, prefilled from the site defaults, with the cluster's partitions and their limits.
+    partition = page.get_by_test_id("spunnel-partition")
+    expect(partition).to_be_visible(timeout=30_000)
+    page.screenshot(path=artifacts / "panel-form.png")
+    options = partition.locator("option").all_inner_texts()
+    assert any(o.startswith("interact (default): up to 8:00:00") for o in options), options
+    assert any(o.startswith("debug: up to 1:00:00") for o in options), options
+    partition.select_option("interact")
+    page.get_by_test_id("spunnel-mem").fill("1000")
+
+    # Bad input: the server's message and remedy, and nothing submitted.
+    page.get_by_test_id("spunnel-time").fill("9:00:00")
+    page.get_by_test_id("spunnel-start").click()
+    error = page.get_by_test_id("spunnel-error")
+    expect(error).to_contain_text("exceeds partition 'interact'")
+    assert error.locator(".jp-SpunnelPanel-remedy").inner_text().strip(), error.inner_text()
+    page.screenshot(path=artifacts / "panel-error.png")
+    assert squeue(USER) == []
+
+    page.get_by_test_id("spunnel-time").fill("10")
+    started = time.monotonic()
+    page.get_by_test_id("spunnel-start").click()
+    expect(page.locator(WAITING)).to_be_visible(timeout=30_000)
+    expect(error).to_be_hidden()
+    # The POST answers at submission; the job id follows on the event stream.
+    expect(page.get_by_test_id("spunnel-job-id")).to_have_text(re.compile(r"^\d+$"))
+    expect(page.locator(WAITING)).to_be_visible(timeout=1)
+    page.screenshot(path=artifacts / "panel-pending.png")
+    job_id = page.get_by_test_id("spunnel-job-id").inner_text()
+    assert any(line.startswith(f"{job_id} ") for line in squeue(USER)), squeue(USER)
+
+    expect(page.locator(READY)).to_be_visible(timeout=120_000)
+    ready_after = time.monotonic() - started
+    expect(page.get_by_test_id("spunnel-node")).to_have_text(cluster["NODE"])
+    expect(page.get_by_test_id("spunnel-job-id")).to_have_text(job_id)
+    # The countdown runs in the browser: 10 minutes, ticking each second.
+    remaining = page.get_by_test_id("spunnel-remaining")
+    first = remaining.inner_text()
+    assert re.fullmatch(r"(9|10):\d\d", first), first
+    expect(remaining).not_to_have_text(first, timeout=3_000)
+    page.screenshot(path=artifacts / "panel-ready.png")
+
+    # Open: the notebook tab is JupyterLab served from the job on c1, through the tunnel.
+    with page.context.expect_page() as popup:
+        page.get_by_test_id("spunnel-open").click()
+    tab = popup.value
+    # Showing: JupyterLab's launcher offers the kernels the node's Jupyter server found.
+    expect(tab.locator('.jp-LauncherCard[data-category="Notebook"]').first).to_be_visible(
+        timeout=60_000
+    )
+    tab_after = time.monotonic() - started
+    tab.screenshot(path=artifacts / "notebook-tab.png")
+    status, session = lab.api("GET", "/spunnel/api/session")
+    assert status == 200 and session is not None, (status, session)
+    url = urlparse(session["url"])
+    assert urlparse(tab.url).netloc == url.netloc, (tab.url, url.netloc)
+    token = parse_qs(url.query)["token"][0]
+    code = "import os, socket; print(os.environ['SLURM_JOB_ID'], socket.gethostname())"
+    out = execute(url.port or 80, token, code)
+    assert out.split() == [job_id, cluster["NODE"]], out
+    print(f"\nclick Start -> ready in the panel: {ready_after:.1f} s; "
+          f"-> notebook tab showing JupyterLab: {tab_after:.1f} s")  # fmt: skip
+    tab.close()
+
+    # Stop: the panel goes back to the form once the session is torn down; nothing is left.
+    page.bring_to_front()
+    stop_clicked = time.monotonic()
+    page.get_by_test_id("spunnel-stop").click()
+    expect(page.get_by_test_id("spunnel-start")).to_be_visible(timeout=30_000)
+    form_after = time.monotonic() - stop_clicked
+    deadline = time.monotonic() + 10
+    while (left := lab.leftovers(USER)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, left
+    assert squeue(USER) == []
+    print(f"click Stop -> form again: {form_after:.1f} s; "
+          f"-> nothing left: {time.monotonic() - stop_clicked:.1f} s")  # fmt: skip
+
+    # The panel follows the event stream: it never polls the session.
+    polls = [c for c in browser.api_calls if c == "GET /spunnel/api/session"]
+    assert len(polls) <= 2, browser.api_calls
+
+
+def test_panel_shows_and_stops_a_session_started_with_the_cli(
+    browser: Browser, cluster: dict[str, str], artifacts: Path
+) -> None:
+    cli = start(USER, "-p", "interact", "--mem", "1000", "-t", "10")
+    try:
+        cli.wait_ready()
+        browser.open_panel()
+        page = browser.page
+        expect(page.locator(READY)).to_be_visible(timeout=30_000)
+        expect(page.get_by_test_id("spunnel-job-id")).to_have_text(str(cli.job_id))
+        expect(page.get_by_test_id("spunnel-node")).to_have_text(cluster["NODE"])
+        expect(page.get_by_test_id("spunnel-owner")).to_contain_text("spunnel-notebook")
+        expect(page.get_by_test_id("spunnel-port")).to_have_text(str(cli.port))
+        page.screenshot(path=artifacts / "panel-cli-session.png")
+        page.get_by_test_id("spunnel-stop").click()
+        expect(page.get_by_test_id("spunnel-start")).to_be_visible(timeout=30_000)
+        assert cli.finish() == 0, cli.output
+        assert squeue(USER) == []
+    finally:
+        cli.close()
