@@ -52,7 +52,42 @@ export class SpunnelPanel extends Widget {
       this.form,
       this.status
     );
-    this.stream = api.watch(
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this.stream?.dispose();
+    window.clearInterval(this.ticker);
+    super.dispose();
+  }
+
+  protected onAfterAttach(msg: Message): void {
+    super.onAfterAttach(msg);
+    this.ticker = window.setInterval(() => this.tick(), 1000);
+    if (this.isVisible) {
+      this.connect();
+    }
+  }
+
+  /** A tab in Notebook 7's file browser page is attached hidden: connect when first shown. */
+  protected onAfterShow(msg: Message): void {
+    super.onAfterShow(msg);
+    this.connect();
+  }
+
+  protected onBeforeDetach(msg: Message): void {
+    window.clearInterval(this.ticker);
+    super.onBeforeDetach(msg);
+  }
+
+  /** Follow the session on the event stream, and load the form (once). */
+  private connect(): void {
+    if (this.stream) {
+      return;
+    }
+    this.stream = this.api.watch(
       snapshot => this.display(snapshot),
       () =>
         this.fail(
@@ -63,25 +98,6 @@ export class SpunnelPanel extends Widget {
         )
     );
     void this.load();
-  }
-
-  dispose(): void {
-    if (this.isDisposed) {
-      return;
-    }
-    this.stream.dispose();
-    window.clearInterval(this.ticker);
-    super.dispose();
-  }
-
-  protected onAfterAttach(msg: Message): void {
-    super.onAfterAttach(msg);
-    this.ticker = window.setInterval(() => this.tick(), 1000);
-  }
-
-  protected onBeforeDetach(msg: Message): void {
-    window.clearInterval(this.ticker);
-    super.onBeforeDetach(msg);
   }
 
   /** Fetch the site defaults and partitions (for the form) and the session, if any. */
@@ -327,7 +343,7 @@ export class SpunnelPanel extends Widget {
   private snapshot: ISnapshot | null | undefined = undefined;
   private busy = false;
   private ticker = 0;
-  private readonly stream: IDisposable;
+  private stream: IDisposable | null = null;
 }
 
 function el<K extends keyof HTMLElementTagNameMap>(
