@@ -41,12 +41,15 @@ class Browser:
     errors: list[str] = field(default_factory=list)  # uncaught exceptions thrown in our code
     api_calls: list[str] = field(default_factory=list)  # "METHOD /path" to spunnel/api
 
-    def open_panel(self) -> None:
-        """Load JupyterLab and click the launcher tile."""
+    def open_panel(self, screenshot: Path | None = None) -> None:
+        """Load JupyterLab and click the launcher tile (after a screenshot of it, if asked)."""
         self.page.goto(self.lab.url)
         tile = self.page.locator(".jp-LauncherCard", has_text=TILE)
         expect(tile).to_be_visible(timeout=60_000)
         assert tile.get_attribute("data-category") == "HPC"
+        if screenshot:
+            tile.scroll_into_view_if_needed()
+            self.page.screenshot(path=screenshot)
         tile.click()
 
 
@@ -80,7 +83,7 @@ def test_start_open_stop_from_the_panel(
     browser: Browser, cluster: dict[str, str], artifacts: Path
 ) -> None:
     page, lab = browser.page, browser.lab
-    browser.open_panel()
+    browser.open_panel(screenshot=artifacts / "launcher.png")
 
     # The form, prefilled from the site defaults, with the cluster's partitions and their limits.
     partition = page.get_by_test_id("spunnel-partition")
@@ -185,6 +188,54 @@ def test_panel_shows_and_stops_a_session_started_with_the_cli(
         assert squeue(USER) == []
     finally:
         cli.close()
+
+
+@pytest.fixture
+def node_full() -> Iterator[str]:
+    """bob holds all of c1's memory, so alice's next job waits in the queue."""
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-p", "interact", "--mem=8000", "-t", "10", "--wrap", "sleep 600"],
+        user="bob", group="bob", extra_groups=[], cwd="/tmp", capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/home/bob"}, check=True,
+    ).stdout.strip()  # fmt: skip
+    deadline = time.monotonic() + 30
+    while squeue("bob") != [f"{job} RUNNING"]:
+        assert time.monotonic() < deadline, squeue("bob")
+        time.sleep(0.2)
+    yield job
+    subprocess.run(["scancel", job], check=False)
+
+
+def test_queued_job_shows_reason_and_elapsed_and_cancels(
+    browser: Browser, node_full: str, artifacts: Path
+) -> None:
+    page = browser.page
+    browser.open_panel()
+    page.get_by_test_id("spunnel-mem").fill("1000")
+    page.get_by_test_id("spunnel-time").fill("10")
+    page.get_by_test_id("spunnel-start").click()
+    expect(page.locator('[data-testid="spunnel-phase"][data-phase="pending"]')).to_be_visible(
+        timeout=30_000
+    )
+    expect(page.get_by_test_id("spunnel-job-id")).to_have_text(re.compile(r"^\d+$"))
+    job_id = page.get_by_test_id("spunnel-job-id").inner_text()
+    expect(page.get_by_test_id("spunnel-job-state")).to_have_text("PENDING")
+    # Slurm's reason: Resources, or Priority when other users' jobs queue too.
+    reason = page.get_by_test_id("spunnel-reason")
+    expect(reason).to_have_text(re.compile(r"^(Resources|Priority)$"), timeout=10_000)
+    # The elapsed time runs in the browser, without asking the server again.
+    expect(page.get_by_test_id("spunnel-elapsed")).to_have_text(re.compile(r"^0:0[2-9]$"))
+    page.screenshot(path=artifacts / "panel-queued.png")
+    assert squeue(USER) == [f"{job_id} PENDING"]
+
+    page.get_by_test_id("spunnel-stop").click()  # labelled Cancel while queued
+    expect(page.get_by_test_id("spunnel-start")).to_be_visible(timeout=30_000)
+    assert squeue(USER) == []
+    state = subprocess.run(["scontrol", "show", "job", job_id, "-o"], capture_output=True,
+                           text=True, timeout=30).stdout  # fmt: skip
+    assert "JobState=CANCELLED" in state, state
+    polls = [c for c in browser.api_calls if c == "GET /spunnel/api/session"]
+    assert len(polls) <= 2, browser.api_calls
 
 
 def test_notebook7_file_browser_has_the_panel_as_a_tab(browser: Browser) -> None:
