@@ -70,6 +70,14 @@ def make_runtime_dir(base: str, job_id: str, restart: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=base))
 
 
+def _no_nesting(rundir: Path) -> str:
+    """A config dir that hides spunnel's own JupyterLab panel in the node's JupyterLab."""
+    labconfig = rundir / "config" / "labconfig"
+    labconfig.mkdir(parents=True, exist_ok=True)
+    (labconfig / "page_config.json").write_text('{"disabledExtensions": {"spunnel-jupyter": true}}')
+    return str(rundir / "config")
+
+
 def _children() -> list[int]:
     me = str(os.getpid())
     pids = []
@@ -153,12 +161,19 @@ class Launcher:
             )
             return 1
         env = dict(os.environ)
-        env.update(JUPYTER_TOKEN=self.token, JUPYTER_RUNTIME_DIR=str(rundir / "runtime"))
+        env.update(
+            JUPYTER_TOKEN=self.token,
+            JUPYTER_RUNTIME_DIR=str(rundir / "runtime"),
+            JUPYTER_CONFIG_PATH=os.pathsep.join(
+                p for p in (_no_nesting(rundir), env.get("JUPYTER_CONFIG_PATH")) if p
+            ),
+        )
         argv = [
             *self.command,
             f"--ServerApp.sock={sock}",
             "--ServerApp.sock_mode=0600",
             "--ServerApp.open_browser=False",
+            "--ServerApp.jpserver_extensions=spunnel_jupyter=False",  # no sessions from sessions
             f"--ServerApp.default_url={'/tree' if self.ui == 'notebook' else '/lab'}",
             *self.args,
         ]

@@ -393,6 +393,17 @@ class SpunnelManager(LoggingConfigurable):
         return text
 
 
+# Variables of the login-side Jupyter (or JupyterHub) that must not reach the job: credentials
+# and per-server state. The user's own JUPYTER_PATH, JUPYTER_CONFIG_DIR, ... pass through.
+_NOT_FOR_THE_JOB = ("JUPYTERHUB_", "JPY_", "JUPYTER_TOKEN", "JUPYTER_RUNTIME_DIR",
+                    "JUPYTERLAB_WORKSPACES_DIR", "JUPYTER_SERVER_")  # fmt: skip
+
+
+def job_environment() -> dict[str, str]:
+    """The environment srun exports to the job: ours, less the login server's own state."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_NOT_FOR_THE_JOB)}
+
+
 def describe_running(record: dict[str, Any]) -> tuple[str, str]:
     job = record.get("job_id") or "?"
     where = f" on {record['node']}" if record.get("node") else ""
@@ -525,8 +536,9 @@ class Session:
             # If we die, srun gets SIGUSR1 and forwards it to the launcher, which cleans up on the
             # node and exits, ending the job. (srun turns SIGTERM into SIGKILL for its tasks.)
             self.srun = await process.spawn(
-                argv, stdin=asyncio.subprocess.PIPE, death_signal=signal.SIGUSR1
-            )
+                argv, stdin=asyncio.subprocess.PIPE, env=job_environment(),
+                death_signal=signal.SIGUSR1,
+            )  # fmt: skip
         except FileNotFoundError as e:
             raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
         settings = {
