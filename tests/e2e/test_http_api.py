@@ -7,13 +7,19 @@ the checkout may live where she cannot.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from .cluster import user_env
+from .browser import jupyterlab
+from .cluster import squeue, state_dir, user_env, wait_clean
 
 
 def test_rest_api_as_alice():
@@ -48,3 +54,32 @@ def test_rest_api_as_alice():
     print(result.stdout[-20000:], result.stderr[-5000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+def test_server_extension_is_enabled_after_pip_install():
+    out = subprocess.run(["/opt/spunnel/venv/bin/jupyter", "server", "extension", "list"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    text = out.stdout + out.stderr
+    assert re.search(r"spunnel_jupyter enabled", text), text
+    assert re.search(r"spunnel_jupyter \S+ OK", text), text
+
+
+def test_login_server_stopping_tears_its_session_down(cluster, artifacts):
+    """A session owned by a JupyterLab server ends by the usual rules when that server stops."""
+    with jupyterlab("alice", artifacts) as lab:
+        code, view = lab.api("POST", "/spunnel/api/session")
+        assert code == 201, view
+        deadline = time.monotonic() + 60
+        while view["phase"] != "ready":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.2)
+            code, view = lab.api("GET", "/spunnel/api/session")
+        assert squeue("alice") == [f"{view['job_id']} RUNNING"]
+        os.killpg(lab.proc.pid, signal.SIGTERM)
+        lab.proc.wait(30)
+        elapsed, left = wait_clean("alice", timeout=10)
+        assert not left, left
+        assert elapsed <= 2.0  # the server waited for the teardown before it exited
+    last = json.loads((state_dir("alice") / "last.json").read_text())
+    assert last["ended_reason"] == "the JupyterLab server stopped"
+    assert last["job_id"] == view["job_id"]
