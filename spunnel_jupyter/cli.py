@@ -25,7 +25,8 @@ from . import __version__
 from .errors import ExitCode, SpunnelError, UsageError
 
 if TYPE_CHECKING:
-    from .session import Session, SpunnelManager
+    from .manager import SpunnelManager
+    from .session import Session
 
 PROG = "spunnel-notebook"
 
@@ -307,7 +308,7 @@ def forward(manager: SpunnelManager, args: argparse.Namespace, console: Console)
 
 def make_manager(debug: bool) -> SpunnelManager:
     from .config import load_site_config
-    from .session import SpunnelManager
+    from .manager import SpunnelManager
 
     log = logging.getLogger(PROG)
     logging.basicConfig(

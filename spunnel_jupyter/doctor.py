@@ -19,7 +19,8 @@ from typing import Any
 
 from . import process
 from .errors import SpunnelError
-from .session import COMMENT_PREFIX, SpunnelManager
+from .manager import SpunnelManager
+from .slurm import COMMENT_PREFIX
 from .state import filesystem_type, hostname
 
 

@@ -20,7 +20,8 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 
 from .errors import NoSession, UsageError
-from .session import Session, SpunnelManager
+from .manager import SpunnelManager
+from .session import Session
 from .tunnel import parse_port_pairs
 
 # What a POST may set, and the type each field must have.

@@ -21,6 +21,8 @@ from traitlets.config import LoggingConfigurable
 from . import process
 from .errors import SlurmRejected, SlurmUnavailable, SpunnelError, UsageError
 
+COMMENT_PREFIX = "spunnel-jupyter"  # jobs are tagged --comment=spunnel-jupyter:<host>:<session>
+
 
 class JobState(str, Enum):
     PENDING = "PENDING"
