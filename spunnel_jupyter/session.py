@@ -647,7 +647,8 @@ class Session:
             async def gone() -> bool:
                 return not await m.slurm.in_queue(job_id)
 
-            if not await probes.wait_until(gone, timeout=m.stop_timeout, first=0.05, cap=0.2):
+            # squeue answers in ~5 ms: poll tightly, the user is waiting (bounded by stop_timeout)
+            if not await probes.wait_until(gone, timeout=m.stop_timeout, first=0.02, cap=0.05):
                 await m.slurm.cancel(job_id)
                 raise SpunnelError(f"job {job_id} is still in the queue after teardown")
 
