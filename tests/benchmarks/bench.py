@@ -1,0 +1,1115 @@
+"""Benchmark spunnel-notebook on the real test cluster, each figure next to its floor.
+
+    bash tests/benchmarks/run.sh [--quick] [--reps N] [--scale N] [--window S] [--out DIR]
+
+(run.sh brings the cluster up, creates the users bench01..bench12, then runs this file with
+/opt/spunnel/venv/bin/python as root.) Prints a markdown table and writes it, and every sample, to
+DIR/latest.md and DIR/latest.json (default: tests/benchmarks/results).
+
+Sessions run as the benchmark's own users, never alice or bob, with a clean environment from their
+home, as a user would run them. Floors are measured in the same run, interleaved with the figures:
+
+- start-up: srun on the same partition starting Jupyter (the launcher's command line) on the node,
+  until it answers on its Unix socket on the node (nodeclient.py floor);
+- Slurm's own start time of a job: the slurmctld log line (ms timestamps) that allocates it;
+- teardown: scancel alone until the job leaves squeue (the floor job above, Jupyter running);
+- CLI wall time: `python -c pass` with the same interpreter;
+- round trips and bulk download: the same client run on the node in the job (srun --overlap) against
+  Jupyter's Unix socket, instead of through the tunnel on the login host.
+
+The token is read from the session record as root and handed to clients in their environment; it is
+never printed (tool output is shown only with the token masked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import http.client
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.e2e import cluster as C  # noqa: E402  (the e2e helpers: users, processes, leftovers)
+
+VENV_PY = "/opt/spunnel/venv/bin/python"
+PROG = "/usr/local/bin/spunnel-notebook"
+HELPER_DIR = Path("/opt/spunnel/bench")
+HELPER = HELPER_DIR / "nodeclient.py"
+SLURMCTLD_LOG = Path("/var/log/slurm/slurmctld.log")
+BIG_FILE = "bench-100M.bin"
+BIG_SIZE = 100 * 1000 * 1000
+PARTITION = "interact"
+MEM = "500"
+JOB_ARGS = ["-p", PARTITION, "--mem", MEM]
+URL_RE = re.compile(r"http://127\.0\.0\.1:(\d+)/(?:lab|tree)\?token=[0-9a-f]+")
+OURS = re.compile(r"ssh .*-M|srun |spunnel_jupyter|jupyter|nodeclient")
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def mask(text: str) -> str:
+    return re.sub(r"token=[0-9a-f]+", "token=<hidden>", text)
+
+
+def users(n: int) -> list[str]:
+    return [f"bench{i:02d}" for i in range(1, n + 1)]
+
+
+# -- running things as a benchmark user ------------------------------------------------------------
+def popen_as(user: str, argv: list[str], **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        user=user,
+        group=user,
+        extra_groups=[],
+        env=C.user_env(user, **env),
+        cwd=f"/home/{user}",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def json_as(user: str, argv: list[str], timeout: float, **env: str) -> dict[str, Any]:
+    result = C.as_user(user, argv, timeout=timeout, **env)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{argv[:4]} as {user}: exit {result.returncode}: {result.stderr[-500:]}"
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class Output:
+    """A child's output lines, each stamped (monotonic, epoch) as it arrives, read by a thread."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.lines: list[tuple[float, float, str]] = []
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append((time.monotonic(), time.time(), raw.decode(errors="replace")))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        return mask("".join(line for _, _, line in self.lines))
+
+    def wait(self, pattern: str, timeout: float) -> tuple[float, float, re.Match[str]]:
+        """(monotonic, epoch) of the first line matching ``pattern``, and the match."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        seen = 0
+        with self._cond:
+            while True:
+                for mono, epoch, line in self.lines[seen:]:
+                    if m := regex.search(line):
+                        return mono, epoch, m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._thread.is_alive()):
+                    raise RuntimeError(
+                        f"{pattern!r} not seen (exit {self.proc.poll()}); output:\n{self.text()}"
+                    )
+                self._cond.wait(min(left, 0.5))
+
+
+# -- the cluster -----------------------------------------------------------------------------------
+class SlurmLog:
+    """New lines of slurmctld's log (ISO 8601 timestamps with ms, local time)."""
+
+    STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3})\] (.*)")
+
+    def __init__(self) -> None:
+        self.ok = SLURMCTLD_LOG.exists()
+        self.offset = SLURMCTLD_LOG.stat().st_size if self.ok else 0
+        self.lines: list[tuple[float, str]] = []
+
+    def _more(self) -> None:
+        if not self.ok:
+            return
+        with open(SLURMCTLD_LOG, "rb") as f:
+            if os.fstat(f.fileno()).st_size < self.offset:
+                self.offset = 0  # rotated or restarted
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for raw in data[:end].decode(errors="replace").splitlines():
+            if m := self.STAMP.match(raw):
+                stamp = dt.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+                self.lines.append((stamp, m.group(2)))
+
+    def find(self, pattern: str, timeout: float = 3.0) -> float | None:
+        """Epoch of the first line matching ``pattern`` (waiting for the log to be written)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._more()
+            for stamp, text in self.lines:
+                if regex.search(text):
+                    return stamp
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+
+def job_start_time(job: int) -> float | None:
+    """Slurm's StartTime of the job (scontrol, one-second resolution)."""
+    out = subprocess.run(
+        ["scontrol", "show", "job", str(job), "-o"], capture_output=True, text=True, timeout=30
+    ).stdout
+    m = re.search(r"StartTime=(\S+)", out)
+    try:
+        return dt.datetime.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S").timestamp() if m else None
+    except ValueError:
+        return None
+
+
+def squeue_state(job: int) -> str:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=30
+    )
+    return out.stdout.strip()
+
+
+def scancel_until_gone(jobs: list[int], timeout: float = 60) -> float:
+    """The floor of every teardown: seconds from `scancel` until the jobs left squeue."""
+    t0 = time.monotonic()
+    subprocess.run(["scancel", *map(str, jobs)], check=True, timeout=30)
+    while any(squeue_state(j) for j in jobs) and time.monotonic() - t0 < timeout:
+        time.sleep(0.003)
+    return time.monotonic() - t0
+
+
+def user_jobs(user: str) -> list[int]:
+    return [int(line.split()[0]) for line in C.squeue(user) if line.split()]
+
+
+def idle_cpus() -> int:
+    out = subprocess.run(
+        ["sinfo", "-h", "-n", "c1", "-o", "%C"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()  # allocated/idle/other/total
+    parts = out.split("/")
+    return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else 0
+
+
+def other_jobs() -> list[str]:
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%u %T %C"], capture_output=True, text=True, timeout=30
+    ).stdout
+    return [line for line in out.splitlines() if line and not line.startswith("bench")]
+
+
+def rpc_counts() -> dict[str, int]:
+    """slurmctld's own per-user RPC counters (sdiag)."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, timeout=30, check=True).stdout
+    section = out.split("statistics by user", 1)[-1].split("Pending RPC", 1)[0]
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^\s+(\S+)\s+\(\s*\d+\)\s+count:(\d+)", section, re.M)
+    }
+
+
+def lock_free(user: str) -> bool:
+    lock = C.state_dir(user) / "lock"
+    try:
+        f = open(lock)
+    except FileNotFoundError:
+        return True
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return True
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def our_procs(user: str) -> list[str]:
+    return [cmd for _, cmd in C.procs_of(user) if OURS.search(cmd)]
+
+
+def runtime_dirs(user: str) -> list[Path]:
+    owner = C.uid(user)
+    found = []
+    for path in Path("/tmp").glob("spunnel.*"):  # the launcher's spunnel.JOB.RESTART
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == owner:
+                found.append(path)
+    return found
+
+
+def memory(pid: int) -> dict[str, float]:
+    """Resident and proportional set size of a process, in MB."""
+    out = {"rss_mb": 0.0, "pss_mb": 0.0}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mb"] = int(line.split()[1]) / 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["pss_mb"] = int(line.split()[1]) / 1024
+    return out
+
+
+def http_get(port: int, token: str, path: str = "/api/status") -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"token {token}"})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def wait_gone(
+    user: str,
+    port: int | None,
+    jobs: list[int],
+    t0: float,
+    timeout: float = 20,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> dict[str, Any]:
+    """Seconds after ``t0`` (monotonic) at which each part of a session was first seen gone."""
+    checks = {
+        "supervisor": lambda: proc is None or proc.poll() is not None,
+        "tunnel": lambda: port is None or port_closed(port),
+        "job": lambda: all(not squeue_state(j) for j in jobs),
+        "lock": lambda: lock_free(user),
+        "processes": lambda: not our_procs(user),
+        "runtime_dir": lambda: not runtime_dirs(user),
+    }
+    seen: dict[str, float] = {}
+    deadline = t0 + timeout
+    while len(seen) < len(checks) and time.monotonic() < deadline:
+        for name, check in checks.items():
+            if name not in seen and check():
+                seen[name] = time.monotonic() - t0
+        time.sleep(0.003)
+    left = sorted(set(checks) - set(seen))
+    return {**seen, "all": max(seen.values()) if not left else None, "left": left}
+
+
+# -- one session of the tool -----------------------------------------------------------------------
+@dataclass
+class Tool:
+    user: str
+    args: list[str]
+    t0: float = 0.0  # monotonic, just before the command was started
+    t0_epoch: float = 0.0
+    proc: subprocess.Popen[bytes] | None = None
+    out: Output | None = None
+    port: int = 0
+    url_at: float = 0.0
+    answered_at: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> Tool:
+        self.t0, self.t0_epoch = time.monotonic(), time.time()
+        self.proc = popen_as(self.user, [PROG, *self.args])
+        self.out = Output(self.proc)
+        return self
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return json.loads((C.state_dir(self.user) / "session.json").read_text())
+
+    def last(self) -> dict[str, Any]:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((C.state_dir(self.user) / "last.json").read_text())
+        return {}
+
+    def token(self) -> str:
+        return str(self.record["token"])
+
+    def wait_url(self, timeout: float = 120) -> Tool:
+        assert self.out is not None
+        self.url_at, _, m = self.out.wait(URL_RE.pattern, timeout)
+        self.port = int(m.group(1))
+        token = self.token()
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if http_get(self.port, token) == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the URL of {self.user}'s session does not answer")
+            time.sleep(0.005)
+        self.answered_at = time.monotonic()
+        return self
+
+    def socket_path(self) -> str:
+        log = (C.state_dir(self.user) / "session.log").read_text(errors="replace")
+        m = re.search(r'@spunnel \{"event": "ready", "socket": "([^"]+)"', log)
+        if not m:
+            raise RuntimeError("no ready event in the session log")
+        return m.group(1)
+
+    def pids(self) -> dict[str, int]:
+        rec = self.record
+        return {k: rec[f"{k}_pid"] for k in ("supervisor", "srun", "ssh") if rec.get(f"{k}_pid")}
+
+    def memory(self) -> dict[str, dict[str, float]]:
+        return {name: memory(pid) for name, pid in self.pids().items()}
+
+    def finish(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def timeline(tool: Tool, times: dict[str, float]) -> dict[str, float]:
+    """The tool's own timestamps, relative to the command's start."""
+    out = {k: round(v - tool.t0_epoch, 3) for k, v in times.items()}
+    out["url_printed"] = round(tool.url_at - tool.t0, 3)
+    out["answering"] = round(tool.answered_at - tool.t0, 3)
+    return out
+
+
+# -- the measurements ------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.opts = opts
+        self.log = SlurmLog()
+        self.samples: dict[str, list[Any]] = {}
+        self.notes: list[str] = []
+
+    def attempt(self, what: str, fn: Any, *args: Any, tries: int = 3) -> Any:
+        """Run one measurement; on a failure (the shared test machine may be reinstalling the
+        project or killing test users' jobs) clean up, say so, and try again."""
+        for i in range(tries):
+            try:
+                return fn(*args)
+            except Exception as e:
+                if i == tries - 1:
+                    raise
+                self.notes.append(f"{what}: attempt {i + 1} failed ({type(e).__name__}), retried")
+                say(f"{what} failed: {mask(str(e))[:300]}; retrying in 5 s")
+                time.sleep(5)
+        return None
+
+    def add(self, name: str, value: Any) -> None:
+        self.samples.setdefault(name, []).append(value)
+
+    def clean(self, *names: str) -> None:
+        for user in names:
+            C.force_clean(user)  # scancel, SIGKILL every process of the user, remove leftovers
+            for path in Path("/tmp").glob("bench-floor.*"):  # what a cancelled floor job left
+                with contextlib.suppress(OSError):
+                    if path.stat().st_uid == C.uid(user):
+                        shutil.rmtree(path, ignore_errors=True)
+
+    # start-up floor and scancel floor, one job
+    def floor(self, user: str) -> None:
+        self.clean(user)
+        token = secrets.token_hex(24)
+        t0 = time.monotonic()
+        proc = popen_as(
+            user,
+            ["srun", "-N1", "-n1", *JOB_ARGS, "-J", "bench-floor", VENV_PY, str(HELPER), "floor"],
+            BENCH_TOKEN=token,
+        )
+        out = Output(proc)
+        try:
+            t_ready, _, _ = out.wait(r"^READY ", 120)
+            self.add("start_floor_s", t_ready - t0)
+            jobs = user_jobs(user)
+            self.add("scancel_floor_s", scancel_until_gone(jobs))
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            self.clean(user)
+        # Slurm alone: the same scancel of a job that runs only `sleep`.
+        proc = popen_as(
+            user, ["srun", "-N1", "-n1", *JOB_ARGS, "-J", "bench-floor", "sleep", "300"]
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not any(
+                c.startswith("/usr/bin/sleep") or c.startswith("sleep")
+                for c in [cmd for _, cmd in C.procs_of(user)]
+            ):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the sleep floor job did not start")
+                time.sleep(0.01)
+            jobs = user_jobs(user)
+            self.add("scancel_floor_sleep_s", scancel_until_gone(jobs))
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            self.clean(user)
+
+    def tool_session(self, user: str, end: str, extras: bool) -> None:
+        """One session on the idle cluster: time to URL, detection, memory, then end it."""
+        self.clean(user)
+        tool = Tool(user, JOB_ARGS).start()
+        try:
+            tool.wait_url()
+            self.add("time_to_url_s", tool.answered_at - tool.t0)
+            rec = tool.record
+            job = int(rec["job_id"])
+            slurm_start = self.log.find(rf"_slurm_rpc_allocate_resources JobId={job} NodeList=c1")
+            if slurm_start is not None and "running" in rec["times"]:
+                self.add("detect_immediate_s", rec["times"]["running"] - slurm_start)
+            self.add("timeline", timeline(tool, rec["times"]))
+            self.add("supervisor_rss_mb", tool.memory()["supervisor"]["rss_mb"])
+            if extras:
+                self.cli_times(user)
+                self.transfer(tool, job)
+            t1 = time.monotonic()
+            assert tool.proc is not None and tool.out is not None
+            if end == "ctrl-c":
+                tool.proc.send_signal(signal.SIGINT)
+            else:
+                subprocess.run(["scancel", str(job)], check=True, timeout=30)
+            gone = wait_gone(user, tool.port, [job], t1, proc=tool.proc)
+            told, _, _ = tool.out.wait(r"session ended: ", 20)
+            gone["told"] = told - t1
+            gone["exit_code"] = tool.finish()
+            gone["job_id"] = job
+            gone["teardown_s_reported"] = tool.last().get("times", {}).get("teardown_s")
+            self.add(f"end_{end}", gone)
+            if gone["all"] is None:
+                self.notes.append(f"{end}: left after 20 s: {gone['left']}")
+        except Exception:
+            say(f"session of {user} failed; its output:\n{tool.out.text() if tool.out else ''}")
+            raise
+        finally:
+            if tool.proc and tool.proc.poll() is None:
+                tool.proc.kill()
+            self.clean(user)
+
+    def cli_times(self, user: str, reps: int = 5) -> None:
+        for _ in range(reps):
+            for name, argv in (
+                ("python_pass_s", [VENV_PY, "-c", "pass"]),
+                ("status_s", [PROG, "status"]),
+                ("help_s", [PROG, "--help"]),
+            ):
+                t0 = time.perf_counter()
+                result = C.as_user(user, argv, timeout=30)
+                self.add(name, time.perf_counter() - t0)
+                if name == "status_s" and result.returncode != 0:
+                    raise RuntimeError(f"status failed: {result.stdout} {result.stderr}")
+
+    def transfer(self, tool: Tool, job: int) -> None:
+        """Round trips and the bulk download, through the tunnel and on the node directly."""
+        user, token, sock = tool.user, tool.token(), tool.socket_path()
+        node = ["srun", f"--jobid={job}", "--overlap", "-N1", "-n1", VENV_PY, str(HELPER)]
+        login = [VENV_PY, str(HELPER)]
+        sides = [("tunnel", login, ["--port", str(tool.port)]), ("direct", node, ["--unix", sock])]
+        if len(self.samples.get("rtt_tunnel", [])) % 2:
+            sides.reverse()  # alternate which side goes first
+        for side, cmd, where in sides:
+            self.add(f"rtt_{side}", json_as(user, [*cmd, "rtt", *where], 120, BENCH_TOKEN=token))
+        for side, cmd, where in sides:
+            self.add(
+                f"download_{side}",
+                json_as(
+                    user,
+                    [*cmd, "download", *where, "--path", f"/files/{BIG_FILE}"],
+                    120,
+                    BENCH_TOKEN=token,
+                ),
+            )
+        # Last: a remote command on the master makes sshd set TCP_NODELAY on the connection.
+        control = str(C.state_dir(user) / "ctl")
+        home_file = f"/home/{user}/{BIG_FILE}"
+        self.add(
+            "ssh_stream",
+            json_as(user, [*login, "ssh-stream", "--control", control, "--path", home_file], 120),
+        )
+
+    def pending_session(self, user: str, blocker_user: str, rpc_window: float) -> None:
+        """A session that pends behind another user's job, then starts when that one ends."""
+        self.clean(user, blocker_user)
+        blocker = C.as_user(
+            blocker_user,
+            [
+                *("sbatch", "--parsable", "-o", "/dev/null", "-J", "bench-blocker"),
+                *("--mem", "100", "-t", "10", "--wrap", "sleep 600"),
+            ],
+            timeout=30,
+        )
+        blocker_job = int(blocker.stdout.strip().split(";")[0])
+        tool = Tool(user, [*JOB_ARGS, "--", f"--dependency=afterany:{blocker_job}"]).start()
+        try:
+            assert tool.out is not None
+            tool.out.wait(r"job \d+ PENDING", 60)
+            if rpc_window:
+                time.sleep(2.5)  # past the start-up queries (sinfo, srun's allocation request)
+                before = rpc_counts()
+                time.sleep(rpc_window)
+                after = rpc_counts()
+                rate = (after.get(user, 0) - before.get(user, 0)) / rpc_window
+                self.add("rpc_pending_per_s", rate)
+            subprocess.run(["scancel", str(blocker_job)], check=True, timeout=30)
+            tool.wait_url()
+            rec = tool.record
+            job = int(rec["job_id"])
+            allocated = self.log.find(rf"sched: Allocate JobId={job} ")
+            if allocated is None:
+                allocated = job_start_time(job)
+                self.notes.append("pending start taken from scontrol StartTime (1 s resolution)")
+            _, running_epoch, _ = tool.out.wait(rf"job {job} RUNNING", 5)
+            self.add(
+                "detect_pending",
+                {
+                    "record_s": rec["times"]["running"] - allocated,
+                    "output_s": running_epoch - allocated,
+                    "scontrol_start": job_start_time(job),
+                    "log_start": allocated,
+                },
+            )
+            if rpc_window:
+                time.sleep(1.0)
+                before = rpc_counts()
+                time.sleep(rpc_window)
+                after = rpc_counts()
+                rate = (after.get(user, 0) - before.get(user, 0)) / rpc_window
+                self.add("rpc_running_per_s", rate)
+                self.add("supervisor_rss_mb", tool.memory()["supervisor"]["rss_mb"])
+            assert tool.proc is not None
+            tool.proc.send_signal(signal.SIGINT)
+            tool.finish()
+        except Exception:
+            say(f"pending session of {user} failed; output:\n{tool.out.text() if tool.out else ''}")
+            raise
+        finally:
+            if tool.proc and tool.proc.poll() is None:
+                tool.proc.kill()
+            self.clean(user, blocker_user)
+
+    def rpc_costs(self, user: str) -> dict[str, float]:
+        """Controller RPCs (sdiag, per user) that one call of each Slurm command costs."""
+        self.clean(user)
+        sub = C.as_user(
+            user,
+            [
+                "sbatch",
+                "--parsable",
+                "-o",
+                "/dev/null",
+                "-t",
+                "5",
+                "--mem",
+                "100",
+                "--wrap",
+                "sleep 60",
+            ],
+            timeout=30,
+        )
+        job = sub.stdout.strip().split(";")[0]
+        commands = {
+            "squeue -h -t all -j JOB -o ... (job state, used now)": [
+                *("squeue", "-h", "-t", "all", "-j", job, "-o", "%i|%T|%r|%N|%e"),
+            ],
+            "squeue --local -h -t all -j JOB -o ...": [
+                *("squeue", "--local", "-h", "-t", "all", "-j", job, "-o", "%i|%T|%r|%N|%e"),
+            ],
+            "scontrol --local -o show job JOB": ["scontrol", "--local", "-o", "show", "job", job],
+            "sinfo -h -N -o ... (partition check at start)": [
+                *("sinfo", "-h", "-N", "-o", "%P|%a|%l|%m|%c"),
+            ],
+            "squeue -h -u USER -o ... (leftover check)": [
+                *("squeue", "-h", "-u", user, "-o", "%i|%k|%T"),
+            ],
+        }
+        costs = {}
+        try:
+            for name, argv in commands.items():
+                before = rpc_counts().get(user, 0)
+                for _ in range(3):
+                    C.as_user(user, argv, timeout=30)
+                costs[name] = (rpc_counts().get(user, 0) - before) / 3
+        finally:
+            self.clean(user)
+        return costs
+
+    def scale_floor(self, names: list[str]) -> dict[str, Any]:
+        """The floor of the scale run: N floor jobs (srun starting Jupyter) at once."""
+        self.clean(*names)
+        procs = []
+        t0 = time.monotonic()
+        for user in names:
+            argv = ["srun", "-N1", "-n1", *JOB_ARGS, "-J", "bench-floor", VENV_PY, str(HELPER)]
+            procs.append(popen_as(user, [*argv, "floor"], BENCH_TOKEN=secrets.token_hex(24)))
+        outs = [Output(p) for p in procs]
+        try:
+            ready = [out.wait(r"^READY ", 300)[0] - t0 for out in outs]
+            jobs = [j for user in names for j in user_jobs(user)]
+            return {"all_answering_s": max(ready), "scancel_all_gone_s": scancel_until_gone(jobs)}
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+            self.clean(*names)
+
+    def scale(self, names: list[str]) -> dict[str, Any]:
+        """N sessions of N users started at once on this login host."""
+        self.clean(*names)
+        deadline = time.monotonic() + 60
+        while idle_cpus() < len(names) and time.monotonic() < deadline:
+            time.sleep(1)
+        free = idle_cpus()
+        if free < len(names):
+            self.notes.append(f"scale: only {free} idle CPUs on c1 for {len(names)} sessions")
+        tools = [Tool(u, JOB_ARGS) for u in names]
+        t0 = time.monotonic()
+        for tool in tools:
+            tool.start()
+        try:
+            for tool in tools:
+                tool.wait_url(timeout=300)
+            all_urls = max(t.url_at for t in tools) - t0
+            all_answering = max(t.answered_at for t in tools) - t0
+            mems = [t.memory() for t in tools]
+            per_session = [
+                {
+                    "supervisor_rss_mb": m["supervisor"]["rss_mb"],
+                    "login_rss_mb": sum(p["rss_mb"] for p in m.values()),
+                    "login_pss_mb": sum(p["pss_mb"] for p in m.values()),
+                }
+                for m in mems
+            ]
+            jobs = [int(t.record["job_id"]) for t in tools]
+            t1 = time.monotonic()
+            for tool in tools:
+                assert tool.proc is not None
+                tool.proc.send_signal(signal.SIGINT)
+            gone = [
+                wait_gone(t.user, t.port, [j], t1, timeout=60, proc=t.proc)
+                for t, j in zip(tools, jobs)
+            ]
+            for tool in tools:
+                tool.finish()
+            all_gone = (
+                max(g["all"] for g in gone) if all(g["all"] is not None for g in gone) else None
+            )
+            return {
+                "sessions": len(names),
+                "idle_cpus_before": free,
+                "all_urls_s": all_urls,
+                "all_answering_s": all_answering,
+                "per_session_url_s": [round(t.url_at - t0, 3) for t in tools],
+                "per_session": per_session,
+                "ctrl_c_all_gone_s": all_gone,
+                "ctrl_c_gone": gone,
+            }
+        except Exception:
+            for tool in tools:
+                say(f"{tool.user}:\n{tool.out.text() if tool.out else ''}")
+            raise
+        finally:
+            for tool in tools:
+                if tool.proc and tool.proc.poll() is None:
+                    tool.proc.kill()
+            self.clean(*names)
+
+
+# -- setup, summary, table -------------------------------------------------------------------------
+def install_helper(names: list[str]) -> None:
+    HELPER_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    shutil.copyfile(Path(__file__).with_name("nodeclient.py"), HELPER)
+    HELPER.chmod(0o644)
+    for user in names:  # a 100 MB file in each home (the shared filesystem), for the download
+        path = Path(f"/home/{user}") / BIG_FILE
+        if not path.exists() or path.stat().st_size != BIG_SIZE:
+            with open(path, "wb") as f:
+                for _ in range(BIG_SIZE // 10**6):
+                    f.write(os.urandom(10**6))
+            shutil.chown(path, user, user)
+            path.chmod(0o600)
+
+
+def machine() -> dict[str, Any]:
+    def cmd(*argv: str) -> str:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        return "?"
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    dirty = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(REPO),
+            "status",
+            "--porcelain",
+            "--",
+            "spunnel_jupyter",
+            "pyproject.toml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    mem_kb = 0
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "os": "Debian " + Path("/etc/debian_version").read_text().strip()
+        if Path("/etc/debian_version").exists()
+        else platform.platform(),
+        "python": platform.python_version(),
+        "slurm": cmd("srun", "--version"),
+        "openssh": cmd("ssh", "-V"),
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "commit": cmd("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
+        + (" + uncommitted changes" if dirty else ""),
+    }
+
+
+def stats(values: list[float]) -> dict[str, Any]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def summarize(s: dict[str, list[Any]], scale: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per figure: the figure, its floors, the target, the result, met or not."""
+
+    def col(name: str, key: str | None = None) -> list[float]:
+        values = [x[key] if key else x for x in s.get(name, [])]
+        return [v for v in values if v is not None]
+
+    def floor(values: list[float], what: str) -> dict[str, Any]:
+        return stats(values) | {"what": what}
+
+    rows: list[dict[str, Any]] = []
+
+    def within(values: list[float], limit: float) -> tuple[str, bool | str]:
+        """A latency target: met when every run is within it, partly when the median is."""
+        k = sum(v <= limit for v in values)
+        met: bool | str = k == len(values) or (
+            "partly" if statistics.median(values) <= limit else False
+        )
+        return f"{k}/{len(values)} runs within", met
+
+    def row(figure: str, unit: str, value: dict[str, Any], floors: list[dict[str, Any]],
+            target: str, result: str = "", met: bool | None = None) -> None:  # fmt: skip
+        if value.get("n"):
+            rows.append(
+                {"figure": figure, "unit": unit, "value": value, "floors": floors}
+                | {"target": target, "result": result, "met": met}
+            )
+
+    def paired() -> str:
+        """Each session was measured right after a floor run: the median of those differences."""
+        tool, base = col("time_to_url_s"), col("start_floor_s")
+        if len(tool) != len(base) or not tool:
+            return ""
+        return f"; paired median {statistics.median(t - b for t, b in zip(tool, base)):.2f} s"
+
+    url, start_floor = stats(col("time_to_url_s")), stats(col("start_floor_s"))
+    if url["n"] and start_floor["n"]:
+        over, ratio = url["median"] - start_floor["median"], url["median"] / start_floor["median"]
+        row(
+            "command start -> URL printed and answering through the tunnel (idle cluster)",
+            "s",
+            url,
+            [start_floor | {"what": "srun starting Jupyter on the node until it answers there"}],
+            "overhead <= 0.5 s or <= 1.15x floor",
+            f"overhead {over:.2f} s, {ratio:.2f}x" + paired(),
+            over <= 0.5 or ratio <= 1.15,
+        )
+    slurm_start = [{"what": "Slurm's own start time of the job (slurmctld log, ms)"}]
+    for values, what in (
+        (col("detect_pending", "record_s"), "job RUNNING after pending -> tool notices (record)"),
+        (col("detect_pending", "output_s"), "job RUNNING after pending -> tool tells the user"),
+        (col("detect_immediate_s"), "job RUNNING at once (idle) -> tool notices (record)"),
+    ):
+        if values:
+            row(what, "s", stats(values), slurm_start, "<= 0.5 s", *within(values, 0.5))
+    scancel_floors = [
+        floor(
+            col("scancel_floor_s"), "scancel alone until the job leaves squeue, same Jupyter job"
+        ),
+        floor(col("scancel_floor_sleep_s"), "the same for a job running only `sleep`"),
+    ]
+    for end, what, key in (
+        ("ctrl-c", "Ctrl-C -> tunnel closed, job gone from squeue, lock free, all processes "
+         "and files gone", "all"),
+        ("scancel", "job ends on its own (scancel elsewhere) -> user told", "told"),
+        ("scancel", "job ends on its own (scancel elsewhere) -> everything gone", "all"),
+    ):  # fmt: skip
+        values = col(f"end_{end}", key)
+        if values:
+            row(what, "s", stats(values), scancel_floors, "<= 1 s", *within(values, 1.0))
+    py = stats(col("python_pass_s"))
+    for name, what in (("status_s", "`spunnel-notebook status` wall time"), ("help_s", "`--help`")):
+        v = stats(col(name))
+        if v["n"] and py["n"]:
+            over = v["median"] - py["median"]
+            row(
+                what,
+                "s",
+                v,
+                [py | {"what": "`python -c pass`, same interpreter"}],
+                "<= 150 ms over the floor",
+                f"{over * 1000:.0f} ms over",
+                over <= 0.150,
+            )
+    v = stats(col("supervisor_rss_mb"))
+    row("supervisor resident memory, session running", "MB", v, [], "<= 50 MB", "", None)
+    if v["n"]:
+        rows[-1]["met"] = v["max"] <= 50
+    for name, what in (
+        ("rpc_pending_per_s", "Slurm controller RPCs per second, session pending"),
+        ("rpc_running_per_s", "Slurm controller RPCs per second, session running"),
+    ):
+        v = stats(col(name))
+        row(
+            what, "/s", v, [{"what": "slurmctld's own count (sdiag, this user)"}], "<= 1 per second"
+        )
+        if v["n"]:
+            rows[-1]["met"] = v["max"] <= 1
+    for key, what in (
+        ("http_keepalive_s", "HTTP round trip (GET /api/status, kept-alive connection)"),
+        ("http_new_connection_s", "HTTP round trip, new connection each (extra)"),
+        ("kernel_execute_s", "kernel execute round trip (websocket, `pass` until idle)"),
+    ):
+        t, d = stats(col("rtt_tunnel", key)), stats(col("rtt_direct", key))
+        if t["n"] and d["n"]:
+            ratio = t["median"] / d["median"]
+            row(
+                what,
+                "s",
+                t,
+                [d | {"what": "same client on the node, Unix socket"}],
+                "<= 1.3x",
+                f"{ratio:.2f}x",
+                ratio <= 1.3,
+            )
+    t, d = stats(col("download_tunnel", "mb_per_s")), stats(col("download_direct", "mb_per_s"))
+    if t["n"] and d["n"]:
+        ratio = t["median"] / d["median"]
+        floors = [d | {"what": "same download on the node directly"}]
+        ssh = stats(col("ssh_stream", "mb_per_s"))
+        if ssh["n"]:
+            floors.append(ssh | {"what": "ssh's own ceiling: `cat` through the same master"})
+        row(
+            "bulk download through the tunnel (100 MB, /files/)",
+            "MB/s",
+            t,
+            floors,
+            ">= 0.8x throughput",
+            f"{ratio:.2f}x"
+            + (f" ({t['median'] / ssh['median']:.2f}x of ssh's ceiling)" if ssh["n"] else ""),
+            ratio >= 0.8,
+        )
+    if scale:
+        n, per = scale["sessions"], scale["per_session"]
+        sf = scale.get("floor") or {}
+        sf_start = [stats([sf["all_answering_s"]]) | {"what": f"{n} floor jobs at once, all "
+                    "answering on the node"}] if sf else []  # fmt: skip
+        row(f"scale: {n} users start at once -> all URLs printed and answering", "s",
+            stats([scale["all_answering_s"]]), sf_start, "(reported)")  # fmt: skip
+        row(f"scale: login-side memory per session, PSS of supervisor+srun+ssh ({n} sessions)",
+            "MB", stats([p["login_pss_mb"] for p in per]), [], "(reported)")  # fmt: skip
+        row(f"scale: login-side memory per session, RSS of supervisor+srun+ssh ({n} sessions)",
+            "MB", stats([p["login_rss_mb"] for p in per]), [], "(reported)")  # fmt: skip
+        if scale.get("ctrl_c_all_gone_s") is not None:
+            sf_end = [stats([sf["scancel_all_gone_s"]]) | {"what": f"scancel of the {n} floor "
+                      "jobs until all left squeue"}] if sf else []  # fmt: skip
+            row(f"scale: Ctrl-C to all {n} at once -> everything gone", "s",
+                stats([scale["ctrl_c_all_gone_s"]]), sf_end, "(reported)")  # fmt: skip
+    return rows
+
+
+def fmt(v: dict[str, Any], unit: str) -> str:
+    if not v.get("n"):
+        return v.get("what", "")
+    scale, u = (1000.0, "ms") if unit == "s" and v["median"] < 0.1 else (1.0, unit)
+    med, lo, hi = v["median"] * scale, v["min"] * scale, v["max"] * scale
+    digits = 2 if med < 10 else (1 if med < 100 else 0)
+    if u == "s":
+        digits = 2
+    text = f"{med:.{digits}f} {u}".replace(" /s", "/s")
+    if v["n"] > 1:
+        text += f" ({lo:.{digits}f}-{hi:.{digits}f}, n={v['n']})"
+    return f"{v['what']}: {text}" if v.get("what") else text
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| figure | median (min-max, n) | floor measured beside it | target | result | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        met = {None: "", True: "yes", False: "**no**"}.get(r["met"], str(r["met"]))
+        floors = "; ".join(fmt(f, r["unit"]) for f in r["floors"])
+        lines.append(
+            f"| {r['figure']} | {fmt(r['value'], r['unit'])} | {floors} | {r['target']} "
+            f"| {r['result']} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def derived_notes(s: dict[str, list[Any]], costs: dict[str, float]) -> list[str]:
+    notes = []
+    phases = ("submitted", "running", "jupyter_ready", "ready", "url_printed")
+    tl = {k: statistics.median(t[k] for t in s["timeline"] if k in t) for k in phases
+          if any(k in t for t in s.get("timeline", []))}  # fmt: skip
+    if tl:
+        notes.append(
+            "start-up timeline, medians from the command's start (the tool's own timestamps): "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in tl.items())
+        )
+    if costs:
+        notes.append(
+            "controller RPCs per call (sdiag): "
+            + "; ".join(f"`{k}`: {v:g}" for k, v in costs.items())
+        )
+    return notes
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="3 repetitions, 8 s windows, 4 sessions")
+    p.add_argument("--reps", type=int, default=0, help="repetitions per figure (default 5)")
+    p.add_argument("--scale", type=int, default=0, help="sessions in the scale run (default 10)")
+    p.add_argument("--window", type=float, default=0, help="RPC counting window, s (default 20)")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results")))
+    p.add_argument("--skip", default="", help="parts to skip, comma-separated: idle,pending,scale")
+    opts = p.parse_args()
+    reps = opts.reps or (3 if opts.quick else 5)
+    n_scale = opts.scale or (4 if opts.quick else 10)
+    window = opts.window or (8.0 if opts.quick else 20.0)
+    skip = set(filter(None, opts.skip.split(",")))
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (bash tests/benchmarks/run.sh)")
+    if not 1 <= n_scale <= 12:
+        raise SystemExit("bench: --scale must be 1-12 (users bench01..bench12)")
+    C.cluster_env()
+    names = users(12)
+    install_helper(names[:1])
+    bench = Bench(opts)
+    info = machine()
+    info["other_jobs_at_start"] = other_jobs()
+    info["loadavg_at_start"] = os.getloadavg()
+    say(f"{reps} repetitions, RPC window {window:g} s, scale {n_scale}; on {info['cpu']}")
+    started = time.monotonic()
+    costs: dict[str, float] = {}
+    if "idle" not in skip:
+        for i in range(reps):
+            say(f"idle cluster, round {i + 1}/{reps}")
+            bench.attempt("floor", bench.floor, "bench03")
+            bench.attempt("session", bench.tool_session, "bench01", "ctrl-c", True)
+            bench.attempt("floor", bench.floor, "bench03")
+            bench.attempt("session", bench.tool_session, "bench01", "scancel", False)
+    if "pending" not in skip:
+        costs = bench.attempt("RPC costs", bench.rpc_costs, "bench06")
+        for i in range(reps):
+            say(f"pending, then running, round {i + 1}/{reps}")
+            w = window if i == 0 else 0
+            bench.attempt("pending session", bench.pending_session, "bench02", "bench12", w)
+    scale = None
+    if "scale" not in skip:
+        say(f"scale: {n_scale} users at once")
+        scale_floor = bench.attempt("scale floor", bench.scale_floor, names[:n_scale])
+        scale = bench.attempt("scale", bench.scale, names[:n_scale])
+        scale["floor"] = scale_floor
+    info["loadavg_at_end"] = os.getloadavg()
+    info["other_jobs_at_end"] = other_jobs()
+    info["duration_s"] = round(time.monotonic() - started, 1)
+    rows = summarize(bench.samples, scale)
+    header = (
+        f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores, "
+        f"{info['memory_gb']} GB RAM), {info['os']}, kernel {info['kernel']}, {info['slurm']}, "
+        f"{info['openssh'].split(',')[0]}, Python {info['python']}; spunnel-jupyter at "
+        f"{info['commit']}; {reps} repetitions "
+        f"(scale run: {n_scale} sessions); took {info['duration_s']:g} s. Load average "
+        f"{info['loadavg_at_start'][0]:.1f} at the start, {info['loadavg_at_end'][0]:.1f} at the "
+        f"end; other users' jobs in the queue at the start: {len(info['other_jobs_at_start'])}."
+    )
+    if "pending" not in skip:
+        bench.notes.append(
+            f"RPC windows: {window:g} s while pending (the job waits on a dependency on another "
+            f"benchmark user's job), {window:g} s while running; RPCs counted by slurmctld for "
+            "the session's user"
+        )
+    notes = list(dict.fromkeys(bench.notes + derived_notes(bench.samples, costs)))
+    text = f"{header}\n\n{table(rows)}\n" + "".join(f"\n- {n}" for n in notes) + "\n"
+    print(text)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.md").write_text(text)
+    result = {
+        "machine": info,
+        "options": {"reps": reps, "scale": n_scale, "window_s": window, "quick": opts.quick},
+        "rows": rows,
+        "samples": bench.samples,
+        "scale": scale,
+        "rpc_costs": costs,
+        "notes": notes,
+    }
+    (out / "latest.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    say(f"written {out / 'latest.md'} and {out / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
