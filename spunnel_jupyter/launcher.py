@@ -145,6 +145,7 @@ class Launcher:
         sock = rundir / "jupyter.sock"
         emit(
             "started",
+            socket=str(sock),
             job_id=self.job_id,
             host=socket.gethostname(),
             runtime_dir=str(rundir),
@@ -189,7 +190,7 @@ class Launcher:
         exited = asyncio.ensure_future(jupyter.wait())
         stopping = asyncio.ensure_future(self.stopping.wait())
         ready = asyncio.ensure_future(
-            probes.wait_until(lambda: self._answers(sock), timeout=self.start_timeout, cap=0.1)
+            probes.wait_until(lambda: self._answers(sock), timeout=self.start_timeout, cap=0.05)
         )
         listening: asyncio.Future[None] | None = None
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)

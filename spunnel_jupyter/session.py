@@ -120,6 +120,7 @@ class Session:
         self._stop = asyncio.Event()
         self._stop_outcome: Outcome | None = None
         self._ready = asyncio.Event()
+        self._node_started = asyncio.Event()
         self._node_ready_event = asyncio.Event()
         self._reverse_up = asyncio.Event()
         self._node_gave_up = asyncio.Event()
@@ -296,15 +297,24 @@ class Session:
                     task.cancel()
 
     async def _wait_node_ready(self) -> None:
-        """After the node reports Jupyter listening: tunnel, check through it, publish the URL."""
-        await self._node_ready_event.wait()
-        self._set(phase=Phase.STARTING)
-        self.times["jupyter_ready"] = time.time()
+        """Build the tunnel while Jupyter starts on the node; publish the URL once Jupyter
+        answers through it."""
+        await self._node_started.wait()
         m = self.manager
         mode = self.req.tunnel_mode or m.tunnel.mode
-        if mode != "reverse":
+        # The master connects while Jupyter starts: its -L to the socket is used only once a
+        # client connects, after the node said Jupyter is listening.
+        master = asyncio.ensure_future(self._open_master()) if mode != "reverse" else None
+        try:
+            await self._node_ready_event.wait()
+        finally:
+            if master is not None and not self._node_ready_event.is_set():
+                master.cancel()
+        self.times["jupyter_ready"] = time.time()
+        if master is not None:
             try:
-                await self._open_tunnel()
+                await master
+                await self._check_url()
             except TunnelError as e:
                 if mode == "forward":
                     raise
@@ -320,23 +330,27 @@ class Session:
         self.url = f"http://127.0.0.1:{self.port}{url_path}?token={self.token}"
         self.times["ready"] = time.time()
         self.tunnel_state = "up"
-        info = await m.slurm.job(self.job_id) if self.job_id else None
-        if info and info.state is not JobState.UNKNOWN:
-            self.end_time = info.end_time
         self._set(phase=Phase.READY)
         self._ready.set()
+        # After the URL, which need not wait for them: the time left, and a word on adoption.
+        info = await m.slurm.job(self.job_id) if self.job_id else None
+        if info and info.state is not JobState.UNKNOWN:
+            self._set(end_time=info.end_time)
         if mode == "forward":
             await self._warn_if_adoption_is_ambiguous()  # after the URL: it need not wait
 
-    async def _open_tunnel(self) -> None:
-        """Start the ControlMaster with all forwards; return once Jupyter answers through it."""
-        m = self.manager
+    async def _open_master(self) -> None:
+        """Start the ControlMaster with all forwards; return once ``-O check`` says it is up."""
         forwards = [f"127.0.0.1:{self.port}:{self.socket_path}"]
         forwards += [pair_forward(p) for p in self.req.tunnels]
-        self.tunnel = await m.tunnel.open(
+        self.tunnel = await self.manager.tunnel.open(
             self.node, self.state.file(CONTROL_PATH), forwards, self._log
         )
         self._save()
+
+    async def _open_tunnel(self) -> None:
+        """Start the ControlMaster; return once Jupyter answers through it."""
+        await self._open_master()
         await self._check_url()
 
     async def _warn_if_adoption_is_ambiguous(self) -> None:
@@ -480,6 +494,7 @@ class Session:
             kind = event.get("event")
             if kind == "started":
                 self.times.setdefault("running", time.time())
+                self.socket_path = event.get("socket", "")
                 job_id = str(event.get("job_id", ""))
                 self._set(
                     job_id=int(job_id) if job_id.isdigit() else self.job_id,
@@ -488,6 +503,7 @@ class Session:
                     reason="",
                     phase=Phase.STARTING,
                 )
+                self._node_started.set()
             elif kind == "ready":
                 self.socket_path = event["socket"]
                 self._node_url_path = event.get("url_path", "/lab")
@@ -627,14 +643,17 @@ class Session:
         srun = self.srun
         assert srun is not None
         if srun.returncode is None:
-            if self.job_id is not None:
-                with contextlib.suppress(SpunnelError):
-                    await m.slurm.cancel(self.job_id)
-            else:
-                # Not yet told the job id: srun revokes its own pending request on SIGUSR1.
-                srun.send_signal(signal.SIGUSR1)
-            # Cancelled, srun exits by itself once the launcher has cleaned up on the node.
-            await process.stop(srun, grace=m.stop_timeout, first=None)
+            # srun forwards SIGUSR1 to the launcher, which stops Jupyter, cleans up and exits:
+            # step and job end without the extra second Slurm may add when a running step is
+            # cancelled. While the job pends, srun revokes it. scancel is the fallback.
+            srun.send_signal(signal.SIGUSR1)
+            try:
+                await asyncio.wait_for(srun.wait(), m.jupyter_stop_grace + 1.0)
+            except asyncio.TimeoutError:
+                if self.job_id is not None:
+                    with contextlib.suppress(SpunnelError):
+                        await m.slurm.cancel(self.job_id)
+                await process.stop(srun, grace=m.stop_timeout, first=None)
         if self.job_id is None:  # srun may have been granted a job it never named
             tag = f"{COMMENT_PREFIX}:{hostname()}:{self.id}"
             for job_id, comment, _ in await m.slurm.my_jobs():

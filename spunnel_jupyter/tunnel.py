@@ -155,6 +155,9 @@ class SshTunnel(LoggingConfigurable):
             f"ServerAliveInterval={self.server_alive_interval}",
             "-o",
             "ServerAliveCountMax=3",
+            # AES-GCM first: hardware-accelerated, ~1.5x chacha20's throughput for downloads.
+            "-o",
+            "Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com",
             *[arg for spec in forwards for arg in (flag, spec)],
             *self.ssh_options,
             "--",
@@ -199,6 +202,9 @@ class SshTunnel(LoggingConfigurable):
             try:
                 await tunnel.wait_ready(self.connect_timeout)
                 return tunnel
+            except asyncio.CancelledError:
+                await tunnel.close(grace=0.5)  # never leave a master nobody owns
+                raise
             except TunnelError:
                 adopting = "pam_slurm_adopt" in " ".join(tunnel.said)
                 if not adopting or time.monotonic() + delay > deadline:
@@ -246,7 +252,8 @@ class Tunnel:
 
     async def wait_ready(self, timeout: float) -> None:
         exited = asyncio.ensure_future(self.proc.wait())
-        ready = asyncio.ensure_future(probes.wait_until(self.check, timeout=timeout))
+        # check() is a stat until the control socket exists: poll it tightly.
+        ready = asyncio.ensure_future(probes.wait_until(self.check, timeout=timeout, cap=0.02))
         try:
             await asyncio.wait({exited, ready}, return_when=asyncio.FIRST_COMPLETED)
         finally:
