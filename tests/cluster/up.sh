@@ -468,7 +468,7 @@ if [[ $ADOPT == 1 ]]; then
     ln -sfn /usr/sbin/sshd "$SSHD_ADOPT"
     write_if_changed /etc/pam.d/sshd-adopt 0644 <<EOF || true
 # Written by tests/cluster/up.sh (pam_slurm_adopt variant of the spunnel-jupyter test cluster).
-account    required     pam_slurm_adopt.so nodename=$NODE
+account    required     pam_slurm_adopt.so nodename=$NODE service=sshd-adopt
 @include common-account
 @include common-session-noninteractive
 EOF
@@ -496,9 +496,16 @@ spunnel-login,$LOGIN_ADDR $lg_type $lg_key $MARK
 [127.0.0.1]:$SSHD_LOGIN_PORT $lg_type $lg_key $MARK
 EOF
 
-out=$(cd / && runuser -u "${USERS[0]}" -- timeout 20 ssh -o BatchMode=yes "$NODE" hostname 2>&1) ||
-    die "ssh -o BatchMode=yes $NODE hostname as ${USERS[0]} failed: $out"
-[[ $out == "$NODE" ]] || die "ssh $NODE hostname as ${USERS[0]} printed '$out', expected '$NODE'"
+if [[ $ADOPT == 1 ]]; then
+    # Without a job on c1, pam_slurm_adopt must refuse (the tests check admission into a job).
+    out=$(cd / && runuser -u "${USERS[0]}" -- timeout 20 ssh -o BatchMode=yes "$NODE" hostname 2>&1) &&
+        die "ssh $NODE as ${USERS[0]} without a job was admitted: pam_slurm_adopt is not in effect"
+    [[ $out == *pam_slurm_adopt* ]] || die "ssh $NODE as ${USERS[0]} failed otherwise: $out"
+else
+    out=$(cd / && runuser -u "${USERS[0]}" -- timeout 20 ssh -o BatchMode=yes "$NODE" hostname 2>&1) ||
+        die "ssh -o BatchMode=yes $NODE hostname as ${USERS[0]} failed: $out"
+    [[ $out == "$NODE" ]] || die "ssh $NODE hostname as ${USERS[0]} printed '$out', expected '$NODE'"
+fi
 out=$(cd / && runuser -u "${USERS[1]}" -- timeout 20 ssh -o BatchMode=yes -p "$SSHD_LOGIN_PORT" 127.0.0.1 hostname 2>&1) ||
     die "ssh to the login sshd (127.0.0.1:$SSHD_LOGIN_PORT) as ${USERS[1]} failed: $out"
 [[ $out == "$LOGIN_HOST" ]] || die "ssh to the login sshd printed '$out', expected '$LOGIN_HOST'"
