@@ -226,7 +226,10 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
                 f"  there, then open the same URL. Stop with Ctrl-C or `{PROG} stop`.",
                 sys.stdout,
             )
-        if session.phase in (Phase.PENDING, Phase.STARTING, Phase.READY):
+        # Nothing to show before Slurm named the job (a refusal then is one line of error).
+        if session.job_id is not None and session.phase in (
+            Phase.PENDING, Phase.STARTING, Phase.READY,
+        ):  # fmt: skip
             console.progress(describe(session))
 
     try:

@@ -315,6 +315,7 @@ class Session:
             try:
                 await master
                 await self._check_url()
+                mode = "forward"
             except TunnelError as e:
                 if mode == "forward":
                     raise

@@ -6,9 +6,11 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,18 +98,23 @@ ENDINGS = {
 }
 
 
-def site_config(tmp_path, config: dict) -> str:
-    """A directory for JUPYTER_CONFIG_PATH holding jupyter_spunnel_jupyter_config.json."""
-    tmp_path.chmod(0o755)
-    (tmp_path / "jupyter_spunnel_jupyter_config.json").write_text(json.dumps(config))
-    return str(tmp_path)
+def site_config(config: dict) -> str:
+    """A directory for JUPYTER_CONFIG_PATH holding jupyter_spunnel_jupyter_config.json.
+
+    Under /tmp itself, not pytest's tmp_path: the test users must be able to read it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="site-config-", dir="/tmp"))
+    path.chmod(0o755)
+    (path / "jupyter_spunnel_jupyter_config.json").write_text(json.dumps(config))
+    (path / "jupyter_spunnel_jupyter_config.json").chmod(0o644)
+    return str(path)
 
 
 @pytest.mark.parametrize("how", list(ENDINGS))
-def test_every_ending_tears_everything_down_within_2s(how, tmp_path):
+def test_every_ending_tears_everything_down_within_2s(how):
     trigger, code, told = ENDINGS[how]
     # A lost tunnel is re-established by default (see test_tunnel_*); here it must end the session.
-    no_reconnect = site_config(tmp_path, {"SshTunnel": {"reconnect_timeout": 0}})
+    no_reconnect = site_config({"SshTunnel": {"reconnect_timeout": 0}})
     s = start("alice", "-t", "10", tty=(how == "terminal-closed"), env_path=no_reconnect)
     try:
         s.wait_ready()
@@ -198,15 +205,24 @@ def test_supervisor_killed_with_sigkill_leaves_nothing_for_long_and_next_start_r
     assert not left, left
 
 
-def test_two_tunnel_pairs_reach_servers_on_the_node(tmp_path):
+@pytest.fixture
+def served():
+    """A directory of alice's for the node-side test servers to serve; removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="served-", dir="/home/alice"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_tunnel_pairs_reach_servers_on_the_node(served):
     p1, p2 = _free_port(), _free_port()
     s = start("alice", "-t", "10", "--tunnel", f"{p1}:8000,{p2}:8001")
     servers = []
     try:
         s.wait_ready()
         for port, text in ((8000, "first"), (8001, "second")):
-            home = Path(f"/home/alice/srv{port}")
-            home.mkdir(exist_ok=True)
+            home = served / str(port)
+            home.mkdir()
             (home / "who.txt").write_text(text)
             os.chown(home, 1001, 1001)
             servers.append(
@@ -278,15 +294,17 @@ def busy_port():
 
 
 @pytest.fixture
-def unreachable_slurm_conf(tmp_path):
+def unreachable_slurm_conf():
+    """A slurm.conf (readable by the test users) naming a controller port nobody listens on."""
     text = Path("/etc/slurm/slurm.conf").read_text()
     lines = [ln for ln in text.splitlines() if not ln.startswith("SlurmctldPort")]
-    lines.insert(0, "SlurmctldPort=6999")  # nothing listens there
-    conf = tmp_path / "slurm.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    tmp_path.chmod(0o755)
-    conf.chmod(0o644)
-    return str(conf)
+    lines.insert(0, "SlurmctldPort=6999")
+    path = Path(tempfile.mkdtemp(prefix="slurm-conf-", dir="/tmp"))
+    path.chmod(0o755)
+    (path / "slurm.conf").write_text("\n".join(lines) + "\n")
+    (path / "slurm.conf").chmod(0o644)
+    yield str(path / "slurm.conf")
+    shutil.rmtree(path, ignore_errors=True)
 
 
 BAD = [
@@ -398,10 +416,10 @@ def test_notebook_ui_and_status_json():
         s.close()
 
 
-def test_site_defaults_come_from_the_shared_traitlets_config(tmp_path):
+def test_site_defaults_come_from_the_shared_traitlets_config():
     """jupyter_spunnel_jupyter_config.json on Jupyter's config path sets the CLI's defaults."""
     config = {"SpunnelManager": {"partition": "debug", "time": "7", "mem": "700"}}
-    s = start("alice", env_path=site_config(tmp_path, config))
+    s = start("alice", env_path=site_config(config))
     try:
         s.wait_ready()
         fields = subprocess.run(
@@ -437,8 +455,8 @@ def test_tunnel_ssh_killed_is_reconnected_on_the_same_url_and_kernels_keep_worki
     assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
 
 
-def test_tunnel_not_re_established_within_the_bound_ends_the_session_cleanly(tmp_path):
-    cfg = site_config(tmp_path, {"SshTunnel": {"reconnect_timeout": 2}})
+def test_tunnel_not_re_established_within_the_bound_ends_the_session_cleanly():
+    cfg = site_config({"SshTunnel": {"reconnect_timeout": 2}})
     s = start("alice", "-t", "10", env_path=cfg)
     try:
         s.wait_ready()
@@ -456,7 +474,7 @@ def test_tunnel_not_re_established_within_the_bound_ends_the_session_cleanly(tmp
     assert not wait_clean("alice", timeout=TEARDOWN_LIMIT)[1]
 
 
-def test_forwards_added_and_cancelled_at_runtime():
+def test_forwards_added_and_cancelled_at_runtime(served):
     s = start("alice", "-t", "10")
     server = None
     try:
@@ -466,8 +484,7 @@ def test_forwards_added_and_cancelled_at_runtime():
         assert added.returncode == 0 and f"forwarding 127.0.0.1:{local}" in added.stderr
         again = as_user("alice", ["spunnel-notebook", "forward", f"{local}:8050"])
         assert again.returncode == 2 and "already forwarded" in again.stderr
-        home = Path("/home/alice/srv8050")
-        home.mkdir(exist_ok=True)
+        home = served
         (home / "who.txt").write_text("dash")
         server = subprocess.Popen(
             ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",

@@ -59,7 +59,7 @@ def test_rest_api_as_alice():
 def test_server_extension_is_enabled_after_pip_install():
     out = subprocess.run(["/opt/spunnel/venv/bin/jupyter", "server", "extension", "list"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    text = out.stdout + out.stderr
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # colours off
     assert re.search(r"spunnel_jupyter enabled", text), text
     assert re.search(r"spunnel_jupyter \S+ OK", text), text
 
