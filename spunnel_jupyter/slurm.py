@@ -285,26 +285,29 @@ class SlurmCLI(LoggingConfigurable):
 
     async def job(self, job_id: int) -> JobInfo:
         """The job's state; GONE when the controller no longer knows it, UNKNOWN if unreachable."""
+        # One RPC to the controller (squeue costs two or three): this runs every few seconds.
         try:
-            result = await self._query(
-                "squeue", "--local", "-h", "-t", "all", "-j", str(job_id), "-o", "%i|%T|%r|%N|%e"
-            )
+            result = await self._query("scontrol", "--local", "-o", "show", "job", str(job_id))
         except SlurmUnavailable:
             return JobInfo(job_id, JobState.UNKNOWN)
         if result.returncode != 0:
             if "Invalid job id" in result.stderr:
                 return JobInfo(job_id, JobState.GONE)
             return JobInfo(job_id, JobState.UNKNOWN)
-        for line in result.stdout.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) == 5 and fields[0] == str(job_id):
-                return JobInfo(
-                    job_id, JobState.parse(fields[1]), fields[2], fields[3], _epoch(fields[4])
-                )
-        return JobInfo(job_id, JobState.GONE)
+        fields = dict(_KEY_VALUE.findall(result.stdout))
+        if fields.get("JobId") != str(job_id):
+            return JobInfo(job_id, JobState.GONE)
+        nodes = fields.get("NodeList", "")
+        return JobInfo(
+            job_id,
+            JobState.parse(fields.get("JobState", "")),
+            "" if fields.get("Reason") == "None" else fields.get("Reason", ""),
+            "" if nodes == "(null)" else nodes,
+            _epoch(fields.get("EndTime", "")),
+        )
 
     async def in_queue(self, job_id: int) -> bool:
-        """True while squeue still lists the job (pending, running or completing)."""
+        """True while the job is in the queue (pending, running or completing)."""
         return (await self.job(job_id)).state.active
 
     async def my_jobs(self, node: str = "") -> list[tuple[int, str, JobState]]:
@@ -341,6 +344,9 @@ class SlurmCLI(LoggingConfigurable):
             *job.srun_options(),
             *command,
         ]
+
+
+_KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z:]+)=(\S*)")  # `scontrol -o show job` fields
 
 
 def _epoch(text: str) -> float | None:
