@@ -646,18 +646,20 @@ class Bench:
         )
         job = sub.stdout.strip().split(";")[0]
         commands = {
-            "squeue -h -t all -j JOB -o ... (job state, used now)": [
+            "squeue -h -t all -j JOB -o ...": [
                 *("squeue", "-h", "-t", "all", "-j", job, "-o", "%i|%T|%r|%N|%e"),
             ],
             "squeue --local -h -t all -j JOB -o ...": [
                 *("squeue", "--local", "-h", "-t", "all", "-j", job, "-o", "%i|%T|%r|%N|%e"),
             ],
-            "scontrol --local -o show job JOB": ["scontrol", "--local", "-o", "show", "job", job],
+            "scontrol --local -o show job JOB (job state, used now)": [
+                *("scontrol", "--local", "-o", "show", "job", job),
+            ],
             "sinfo -h -N -o ... (partition check at start)": [
                 *("sinfo", "-h", "-N", "-o", "%P|%a|%l|%m|%c"),
             ],
-            "squeue -h -u USER -o ... (leftover check)": [
-                *("squeue", "-h", "-u", user, "-o", "%i|%k|%T"),
+            "squeue --local -h -u USER -o ... (leftover check)": [
+                *("squeue", "--local", "-h", "-u", user, "-o", "%i|%k|%T"),
             ],
         }
         costs = {}
