@@ -375,23 +375,8 @@ if on_node root "the srun check" hostname; then
 fi
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. Users, each with its own key. A locked password ("!") makes sshd with UsePAM no refuse even key logins.
-for u in "${USERS[@]}"; do
-    getent passwd "$u" >/dev/null || quiet useradd -m -s /bin/bash "$u"
-    [[ $(getent shadow "$u" | cut -d: -f2) == '*' ]] || quiet usermod -p '*' "$u"
-    home=$(getent passwd "$u" | cut -d: -f6)
-    install -d -o "$u" -g "$u" -m 0700 "$home/.ssh"
-    if [[ ! -s $home/.ssh/id_ed25519 || ! -s $home/.ssh/id_ed25519.pub ]]; then
-        rm -f "$home/.ssh/id_ed25519" "$home/.ssh/id_ed25519.pub"
-        quiet runuser -u "$u" -- ssh-keygen -q -t ed25519 -N '' -C "$u@spunnel-test" -f "$home/.ssh/id_ed25519"
-    fi
-    pub=$(cat "$home/.ssh/id_ed25519.pub")
-    touch "$home/.ssh/authorized_keys"
-    grep -qxF -- "$pub" "$home/.ssh/authorized_keys" || printf '%s\n' "$pub" >>"$home/.ssh/authorized_keys"
-    chown "$u:$u" "$home/.ssh/authorized_keys" "$home/.ssh/id_ed25519" "$home/.ssh/id_ed25519.pub"
-    chmod 0600 "$home/.ssh/authorized_keys" "$home/.ssh/id_ed25519"
-    chmod go-w "$home"
-done
+# 6. Users, each with its own key (tests/cluster/add-users.sh).
+quiet bash "$REPO/tests/cluster/add-users.sh" "${USERS[@]}"
 
 # ---------------------------------------------------------------------------------------------------------
 # 7. Two sshds, each with its own config and host key.
