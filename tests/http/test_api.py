@@ -113,6 +113,10 @@ async def test_start_watch_and_stop_on_the_real_cluster(jp_fetch):
         await _sleep(0.2)
     assert view["node"] == "c1" and view["url"].startswith("http://127.0.0.1:")
     assert set(view["durations"]) == {"queued", "starting"}
+    while view["time_left"] is None:  # asked of Slurm just after the URL is published
+        assert time.monotonic() < deadline, view
+        await _sleep(0.05)
+        code, view = await _status(jp_fetch, "GET", "session")
     assert view["time_left"] > 500
     assert _squeue() == [f"{view['job_id']} RUNNING"]
     # The CLI sees the session started here.
