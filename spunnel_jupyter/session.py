@@ -377,7 +377,6 @@ class Session:
     async def _open_reverse(self) -> None:
         """Reverse mode: ask the launcher to dial back; return once Jupyter answers here."""
         m = self.manager
-        self.state.remove(FORWARDED)  # left by a forward-mode attempt (auto mode), if any
         plan = m.tunnel.reverse_plan(self.state.file(FORWARDED), self.req.tunnels)
         assert self.srun is not None and self.srun.stdin is not None
         self.srun.stdin.write((json.dumps({"cmd": "reverse", "plan": plan}) + "\n").encode())
@@ -549,9 +548,6 @@ class Session:
                 self.announce("the node re-established the reverse tunnel; the URL is unchanged")
             self._reverse_up.set()
         elif event.get("state") == "lost":
-            # sshd leaves the forwarded socket behind, and without StreamLocalBindUnlink (sshd's
-            # default) the rebuilt -R could not bind it: clear the way for the node's next try.
-            self.state.remove(FORWARDED)
             self._reverse_said = event.get("message", "")
             if self._reverse_up.is_set():
                 self._set(tunnel_state="reconnecting")
