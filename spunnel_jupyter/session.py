@@ -37,9 +37,8 @@ from .errors import (
     UsageError,
 )
 from .launcher import EVENT_PREFIX
-from .relay import Relay
 from .slurm import COMMENT_PREFIX, JobState, classify_error
-from .state import CONTROL, CONTROL_PATH, FORWARDED, LAST, LOG, RECORD, StateDir, hostname
+from .state import CONTROL, CONTROL_PATH, LAST, LOG, RECORD, StateDir, hostname
 from .tunnel import PortPair, Tunnel, pair_forward, parse_port_pairs
 
 if TYPE_CHECKING:
@@ -101,8 +100,7 @@ class Session:
         self.owner = owner
         self.id = secrets.token_hex(6)
         self.token = secrets.token_hex(24)
-        self.port = req.port or 0  # bound by the relay at launch
-        self.relay = Relay(state.file(FORWARDED))
+        self.port = req.port or probes.free_port()
         self.phase = Phase.PENDING
         self.job_id: int | None = None
         self.job_state = JobState.PENDING
@@ -200,7 +198,6 @@ class Session:
         command = m.launcher_command or [sys.executable, "-m", "spunnel_jupyter.launcher"]
         comment = f"{COMMENT_PREFIX}:{hostname()}:{self.id}"
         argv = m.slurm.srun_argv(self.req.job, comment, command)
-        self.port = await self.relay.start(self.port)  # the URL's port, held from now on
         self._save()  # before srun: a supervisor killed right now leaves enough to clean up
         self._log.write(f"$ {' '.join(argv)}\n".encode())
         try:
@@ -345,7 +342,7 @@ class Session:
 
     async def _open_master(self) -> None:
         """Start the ControlMaster with all forwards; return once ``-O check`` says it is up."""
-        forwards = [f"{self.state.file(FORWARDED)}:{self.socket_path}"]
+        forwards = [f"127.0.0.1:{self.port}:{self.socket_path}"]
         forwards += [pair_forward(p) for p in self.req.tunnels]
         self.tunnel = await self.manager.tunnel.open(
             self.node, self.state.file(CONTROL_PATH), forwards, self._log
@@ -377,7 +374,7 @@ class Session:
     async def _open_reverse(self) -> None:
         """Reverse mode: ask the launcher to dial back; return once Jupyter answers here."""
         m = self.manager
-        plan = m.tunnel.reverse_plan(self.state.file(FORWARDED), self.req.tunnels)
+        plan = m.tunnel.reverse_plan(self.port, self.req.tunnels)
         assert self.srun is not None and self.srun.stdin is not None
         self.srun.stdin.write((json.dumps({"cmd": "reverse", "plan": plan}) + "\n").encode())
         up = asyncio.ensure_future(self._reverse_up.wait())
@@ -631,7 +628,7 @@ class Session:
         started = time.monotonic()
         if self._control is not None:
             self._control.close()
-        steps = [self.relay.close()]
+        steps = []
         if self.tunnel is not None:
             steps.append(self.tunnel.close(grace=min(1.0, m.stop_timeout)))
         steps.append(self._end_job())
@@ -680,7 +677,7 @@ class Session:
         self.phase = Phase.ENDED
         with contextlib.suppress(OSError):
             self.state.write(self.snapshot(), LAST)
-        self.state.remove(RECORD, CONTROL, CONTROL_PATH, FORWARDED)
+        self.state.remove(RECORD, CONTROL, CONTROL_PATH)
         self._log.close()
         self.state.unlock()
         self._set(phase=Phase.ENDED, save=False)

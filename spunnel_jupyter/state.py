@@ -30,7 +30,6 @@ RECORD = "session.json"  # the running session (holds the token)
 LOCK = "lock"  # flock(2)ed by the session's supervisor
 CONTROL = "control.sock"  # the supervisor's control socket (stop, forward)
 CONTROL_PATH = "ctl"  # the ssh ControlMaster's socket
-FORWARDED = "jupyter.fwd"  # the tunnel's end on this host: ssh forwards it to the node's socket
 LOG = "session.log"  # srun's, ssh's and (token-masked) Jupyter's output
 LAST = "last.json"  # how the previous session ended (no secrets)
 # Filesystems whose locks or Unix sockets are not host-local.
