@@ -44,6 +44,9 @@ readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-s
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 readonly REPO
+# The daemons started here inherit our working directory: never one that may vanish (a checkout that
+# is deleted later leaves slurmstepd unable to getcwd, and its warning lands in every job's output).
+cd /
 LOGIN_HOST=$(hostname -s)
 readonly LOGIN_HOST
 
