@@ -20,14 +20,8 @@ trap 'printf "down: FAILED (exit %s) at line %s: %s\n" "$?" "$LINENO" "$BASH_COM
 [[ $(id -u) -eq 0 ]] || { echo "down: must run as root" >&2; exit 1; }
 T0=$(date +%s%N)
 
-starttime_of() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo "${20}"
-}
+# shellcheck source=tests/cluster/pidfiles.sh
+source "$(dirname "$0")/pidfiles.sh"
 
 # TERM the given pids, KILL whatever is left after SECONDS.
 terminate() {
@@ -47,15 +41,6 @@ terminate() {
     done
     warn "still running after ${secs}s, sending SIGKILL: $*"
     kill -KILL "$@" 2>/dev/null || true
-}
-
-# The pid recorded for NAME, if that very process (same start time) is still running.
-recorded_pid() {
-    local pid st
-    [[ -r $RUN/$1.pid ]] || return 1
-    read -r pid st <"$RUN/$1.pid" || return 1
-    [[ $pid =~ ^[0-9]+$ && $(starttime_of "$pid" 2>/dev/null) == "$st" ]] || return 1
-    echo "$pid"
 }
 
 # 1. Jobs first, while the controller and slurmd still run, so job steps end cleanly.

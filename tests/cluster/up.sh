@@ -90,28 +90,13 @@ wait_until() {
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # ---------------------------------------------------------------------------------------------------------
-# Pidfiles hold "PID STARTTIME": the start time (field 22 of /proc/PID/stat) survives exec but not pid reuse,
-# so a stale pidfile never makes us trust, or later kill, an unrelated process.
-starttime_of() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo "${20}"
-}
-
-# running PID: the process exists and is not a zombie. PID 1 on these machines does not reap orphans, so a
-# daemon that exited after up.sh ended stays a zombie, with its /proc entry, for good.
-running() { [[ -r /proc/$1/status ]] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
+# shellcheck source=tests/cluster/pidfiles.sh
+source "$REPO/tests/cluster/pidfiles.sh"
 
 # alive NAME COMM: the daemon recorded in $RUN/NAME.pid is still that process and now runs COMM.
 alive() {
-    local pid st
-    [[ -r $RUN/$1.pid ]] || return 1
-    read -r pid st <"$RUN/$1.pid" || return 1
-    [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ $(starttime_of "$pid" 2>/dev/null) == "$st" ]] || return 1
+    local pid
+    pid=$(recorded_pid "$1") || return 1
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
     running "$pid"
 }
@@ -137,9 +122,7 @@ launch() {
 # stop NAME: SIGTERM the recorded daemon, SIGKILL after 5 s (used when its configuration changed).
 stop() {
     local pid i
-    [[ -r $RUN/$1.pid ]] || return 0
-    pid=$(pid_of "$1")
-    if [[ $(starttime_of "$pid" 2>/dev/null) == "$(cut -d' ' -f2 "$RUN/$1.pid")" ]]; then
+    if pid=$(recorded_pid "$1"); then
         kill -TERM "$pid" 2>/dev/null || true
         for ((i = 0; i < 50; i++)); do
             running "$pid" || break
