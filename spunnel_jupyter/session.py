@@ -200,15 +200,6 @@ class Session:
         argv = m.slurm.srun_argv(self.req.job, comment, command)
         self._save()  # before srun: a supervisor killed right now leaves enough to clean up
         self._log.write(f"$ {' '.join(argv)}\n".encode())
-        try:
-            # If we die, srun gets SIGUSR1 and forwards it to the launcher, which cleans up on the
-            # node and exits, ending the job. (srun turns SIGTERM into SIGKILL for its tasks.)
-            self.srun = await process.spawn(
-                argv, stdin=asyncio.subprocess.PIPE, env=job_environment(),
-                death_signal=signal.SIGUSR1,
-            )  # fmt: skip
-        except FileNotFoundError as e:
-            raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
         settings = {
             "token": self.token,
             "ui": self.req.ui,
@@ -218,8 +209,21 @@ class Session:
             "start_timeout": m.start_timeout,
             "stop_grace": m.jupyter_stop_grace,
         }
-        assert self.srun.stdin is not None
-        self.srun.stdin.write((json.dumps(settings) + "\n").encode())  # the token's only path
+        # srun's stdin is a pipe of ours, the settings (the token's only path) already in it: a
+        # write can then never race an srun that refused the job and exited at once.
+        stdin, self._to_node = os.pipe()
+        os.write(self._to_node, (json.dumps(settings) + "\n").encode())
+        try:
+            # If we die, srun gets SIGUSR1 and forwards it to the launcher, which cleans up on the
+            # node and exits, ending the job. (srun turns SIGTERM into SIGKILL for its tasks.)
+            self.srun = await process.spawn(
+                argv, stdin=stdin, env=job_environment(), death_signal=signal.SIGUSR1
+            )
+        except FileNotFoundError as e:
+            os.close(self._to_node)
+            raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
+        finally:
+            os.close(stdin)
         self._save()
         self._control = await asyncio.start_unix_server(
             self._on_control, path=str(self.state.file(CONTROL))
@@ -375,8 +379,8 @@ class Session:
         """Reverse mode: ask the launcher to dial back; return once Jupyter answers here."""
         m = self.manager
         plan = m.tunnel.reverse_plan(self.port, self.req.tunnels)
-        assert self.srun is not None and self.srun.stdin is not None
-        self.srun.stdin.write((json.dumps({"cmd": "reverse", "plan": plan}) + "\n").encode())
+        with contextlib.suppress(BrokenPipeError):  # srun gone: the wait below says why
+            os.write(self._to_node, (json.dumps({"cmd": "reverse", "plan": plan}) + "\n").encode())
         up = asyncio.ensure_future(self._reverse_up.wait())
         gave_up = asyncio.ensure_future(self._node_gave_up.wait())
         try:
@@ -678,6 +682,7 @@ class Session:
         with contextlib.suppress(OSError):
             self.state.write(self.snapshot(), LAST)
         self.state.remove(RECORD, CONTROL, CONTROL_PATH)
+        os.close(self._to_node)
         self._log.close()
         self.state.unlock()
         self._set(phase=Phase.ENDED, save=False)
