@@ -30,7 +30,7 @@ from .slurm import (
     parse_mem_mb,
     parse_time_limit,
 )
-from .state import CONTROL, CONTROL_PATH, LAST, RECORD, StateDir, hostname
+from .state import CONTROL, CONTROL_PATH, LAST, RECORD, TUNNEL, StateDir, hostname
 from .tunnel import PortPair, SshTunnel, check_port
 
 
@@ -272,7 +272,7 @@ class SpunnelManager(LoggingConfigurable):
             pid = record.get(f"{what}_pid")
             if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
-        state.remove(CONTROL_PATH, CONTROL, RECORD)
+        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL)
         if not notes:
             notes.append("removed the record of a session whose supervisor died")
         return notes

@@ -37,8 +37,9 @@ from .errors import (
     UsageError,
 )
 from .launcher import EVENT_PREFIX
+from .relay import Relay
 from .slurm import COMMENT_PREFIX, JobState, classify_error
-from .state import CONTROL, CONTROL_PATH, LAST, LOG, RECORD, StateDir, hostname
+from .state import CONTROL, CONTROL_PATH, LAST, LOG, RECORD, TUNNEL, StateDir, hostname
 from .tunnel import PortPair, Tunnel, pair_forward, parse_port_pairs
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class Session:
         self.outcome: Outcome | None = None
         self.srun: asyncio.subprocess.Process | None = None
         self.tunnel: Tunnel | None = None
+        self.relay: Relay | None = None  # forward mode: our listener on the port
         self._node_exit: dict[str, Any] = {}
         self._slurm_said: list[str] = []
         self._stop = asyncio.Event()
@@ -194,6 +196,23 @@ class Session:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def launch(self) -> None:
+        m = self.manager
+        if (self.req.tunnel_mode or m.tunnel.mode) != "reverse":
+            # Bound before submitting: a taken port costs no job, and stays ours from here on.
+            try:
+                self.relay = Relay(self.port, str(self.state.file(TUNNEL)))
+            except OSError as e:
+                raise UsageError(
+                    f"local port {self.port} cannot be bound on this host: {e.strerror}",
+                    "pick another port, or leave --port out to get a free one",
+                ) from e
+        try:
+            await self._submit()
+        except BaseException:
+            self._close_relay()
+            raise
+
+    async def _submit(self) -> None:
         m = self.manager
         command = m.launcher_command or [sys.executable, "-m", "spunnel_jupyter.launcher"]
         comment = f"{COMMENT_PREFIX}:{hostname()}:{self.id}"
@@ -324,6 +343,7 @@ class Session:
                 if mode == "forward":
                     raise
                 mode = "reverse"
+                self._close_relay()  # the login host's sshd binds the port in reverse mode
                 self.announce(
                     f"{e.message}; falling back to reverse mode "
                     f"(the node dials back to {m.tunnel.reverse_host})"
@@ -346,7 +366,8 @@ class Session:
 
     async def _open_master(self) -> None:
         """Start the ControlMaster with all forwards; return once ``-O check`` says it is up."""
-        forwards = [f"127.0.0.1:{self.port}:{self.socket_path}"]
+        assert self.relay is not None
+        forwards = [f"{self.relay.target}:{self.socket_path}"]
         forwards += [pair_forward(p) for p in self.req.tunnels]
         self.tunnel = await self.manager.tunnel.open(
             self.node, self.state.file(CONTROL_PATH), forwards, self._log
@@ -681,11 +702,17 @@ class Session:
         self.phase = Phase.ENDED
         with contextlib.suppress(OSError):
             self.state.write(self.snapshot(), LAST)
-        self.state.remove(RECORD, CONTROL, CONTROL_PATH)
+        self._close_relay()
+        self.state.remove(RECORD, CONTROL, CONTROL_PATH, TUNNEL)
         os.close(self._to_node)
         self._log.close()
         self.state.unlock()
         self._set(phase=Phase.ENDED, save=False)
+
+    def _close_relay(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _set(self, save: bool = True, **changes: Any) -> None:

@@ -30,6 +30,7 @@ RECORD = "session.json"  # the running session (holds the token)
 LOCK = "lock"  # flock(2)ed by the session's supervisor
 CONTROL = "control.sock"  # the supervisor's control socket (stop, forward)
 CONTROL_PATH = "ctl"  # the ssh ControlMaster's socket
+TUNNEL = "tunnel.sock"  # the login end of the master's -L to Jupyter's socket (behind the relay)
 LOG = "session.log"  # srun's, ssh's and (token-masked) Jupyter's output
 LAST = "last.json"  # how the previous session ended (no secrets)
 # Filesystems whose locks or Unix sockets are not host-local.
