@@ -557,7 +557,6 @@ class Bench:
                     BENCH_TOKEN=token,
                 ),
             )
-        # Last: a remote command on the master makes sshd set TCP_NODELAY on the connection.
         control = str(C.state_dir(user) / "ctl")
         home_file = f"/home/{user}/{BIG_FILE}"
         self.add(
