@@ -43,6 +43,7 @@ class _Flow:
 
     def pump(self) -> None:
         """Move what can move now without blocking. Raises OSError when a side is broken."""
+        more = not self.eof
         while True:
             while self.buffered:
                 try:
@@ -51,7 +52,7 @@ class _Flow:
                     )
                 except BlockingIOError:
                     return  # dst is full: wait until it is writable
-            if self.eof:
+            if not more:
                 return
             try:
                 n = os.splice(self.src.fileno(), self.w, _CHUNK, flags=_FLAGS)
@@ -63,6 +64,7 @@ class _Flow:
                     self.dst.shutdown(socket.SHUT_WR)
                 return
             self.buffered = n
+            more = n == _CHUNK  # a short read drained src; epoll (level-triggered) tells of more
 
     @property
     def done(self) -> bool:
@@ -84,7 +86,7 @@ class _Pair:
         except OSError:
             first.close()
             raise
-        self.watched: set[socket.socket] = set()  # registered with the selector
+        self.watched: dict[socket.socket, int] = {}  # the events registered with the selector
 
     def interest(self, sock: socket.socket) -> int:
         """What ``sock`` waits for: readable when its outbound pipe is empty, writable when its
@@ -136,11 +138,11 @@ class Relay:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                for key, _ in self._selector.select():
+                for key, events in self._selector.select():
                     if key.fileobj is self._listener:
                         self._accept()
                     elif key.data is not None:
-                        self._service(key.data)
+                        self._service(key.data, key.fileobj, events)
         finally:
             for pair in list(self._pairs):
                 self._drop(pair)
@@ -178,34 +180,38 @@ class Relay:
             self._pairs.add(pair)
             self._service(pair)
 
-    def _service(self, pair: _Pair) -> None:
+    def _service(self, pair: _Pair, sock: object = None, events: int = 0) -> None:
+        """Pump the flows ``sock`` is ready for (all of them when ``sock`` is None)."""
         if pair not in self._pairs:  # dropped earlier in this round: its fds may be reused
             return
         try:
             for flow in pair.flows:
-                flow.pump()
+                reading = flow.src is sock and events & selectors.EVENT_READ
+                if sock is None or reading or (flow.dst is sock and events & selectors.EVENT_WRITE):
+                    flow.pump()
         except OSError:
             self._drop(pair)
             return
         if all(flow.done for flow in pair.flows):
             self._drop(pair)
             return
-        for sock in pair.socks:
-            events = pair.interest(sock)
-            registered = sock in pair.watched
-            if events and registered:
-                self._selector.modify(sock, events, pair)
-            elif events:
-                self._selector.register(sock, events, pair)
-                pair.watched.add(sock)
-            elif registered:  # both of its flows wait on the other socket
-                self._selector.unregister(sock)
-                pair.watched.discard(sock)
+        for one in pair.socks:
+            wanted, now = pair.interest(one), pair.watched.get(one, 0)
+            if wanted == now:
+                continue
+            if wanted and now:
+                self._selector.modify(one, wanted, pair)
+            elif wanted:
+                self._selector.register(one, wanted, pair)
+            else:  # both of its flows wait on the other socket
+                self._selector.unregister(one)
+            pair.watched[one] = wanted
 
     def _drop(self, pair: _Pair) -> None:
         if pair not in self._pairs:
             return
         self._pairs.discard(pair)
-        for sock in pair.watched:
-            self._selector.unregister(sock)
+        for sock, events in pair.watched.items():
+            if events:
+                self._selector.unregister(sock)
         pair.close()
