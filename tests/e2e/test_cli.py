@@ -36,6 +36,13 @@ def test_kernel_runs_inside_the_job_on_c1_and_token_stays_secret():
             "import os, socket; print(os.environ['SLURM_JOB_ID'], socket.gethostname())",
         )
         assert out.split() == [str(job), "c1"]
+        # The port is the supervisor's own listener (the relay that sets TCP_NODELAY in front of
+        # ssh's Unix-socket -L), and a command ran through the master so sshd turned Nagle off.
+        listeners = subprocess.run(
+            ["ss", "-Hltnp", f"sport = :{s.port}"], capture_output=True, text=True, check=True
+        ).stdout
+        assert f"pid={s.record['supervisor_pid']}," in listeners, listeners
+        assert "Nagle" not in (state_dir("alice") / "session.log").read_text()
         # Without the token the server refuses: the tunnel is no open door.
         assert rest(s.port, "wrong", "GET", "/api/contents")[0] == 403
         # The token is on no command line, of any user, on either host (one machine here).
