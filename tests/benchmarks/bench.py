@@ -545,7 +545,9 @@ class Bench:
         sides = [("tunnel", login, ["--port", str(tool.port)]), ("direct", node, ["--unix", sock])]
         if len(self.samples.get("rtt_tunnel", [])) % 2:
             sides.reverse()  # alternate which side goes first
-        for side, cmd, where in sides:
+        # ssh alone: the same master's -L socket, without the relay in front of it
+        ssh_only = ("ssh", login, ["--unix", str(C.state_dir(user) / "tunnel.sock")])
+        for side, cmd, where in [*sides, ssh_only]:
             self.add(f"rtt_{side}", json_as(user, [*cmd, "rtt", *where], 120, BENCH_TOKEN=token))
         for side, cmd, where in sides:
             self.add(
@@ -933,15 +935,20 @@ def summarize(s: dict[str, list[Any]], scale: dict[str, Any] | None) -> list[dic
         ("kernel_execute_s", "kernel execute round trip (websocket, `pass` until idle)"),
     ):
         t, d = stats(col("rtt_tunnel", key)), stats(col("rtt_direct", key))
+        ssh = stats(col("rtt_ssh", key))
         if t["n"] and d["n"]:
             ratio = t["median"] / d["median"]
+            floors = [d | {"what": "same client on the node, Unix socket"}]
+            if ssh["n"]:
+                floors.append(ssh | {"what": "ssh alone: the master's own -L socket, no relay"})
             row(
                 what,
                 "s",
                 t,
-                [d | {"what": "same client on the node, Unix socket"}],
+                floors,
                 "<= 1.3x",
-                f"{ratio:.2f}x",
+                f"{ratio:.2f}x"
+                + (f" ({t['median'] / ssh['median']:.2f}x of ssh alone)" if ssh["n"] else ""),
                 ratio <= 1.3,
             )
     t, d = stats(col("download_tunnel", "mb_per_s")), stats(col("download_direct", "mb_per_s"))
