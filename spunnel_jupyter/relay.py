@@ -21,8 +21,8 @@ import selectors
 import socket
 import threading
 
-# Bytes per splice: a default pipe's capacity (about 1 GB/s here). 1 MB pipes were no faster, and count
-# against the user's pipe-user-pages-soft, shared with every other program of theirs.
+# Bytes per splice: a default pipe's capacity (about 1 GB/s here). 1 MB pipes were no faster,
+# and they count against the user's pipe-user-pages-soft, shared with all their programs.
 _CHUNK = 1 << 16
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
