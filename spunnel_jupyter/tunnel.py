@@ -234,12 +234,12 @@ class Tunnel:
         self.proc = proc
         self.log = log
         self.said: deque[str] = deque(maxlen=20)  # ssh's last words, for error messages
-        self._stderr = asyncio.ensure_future(self._read_stderr(log))
+        self._stderr = asyncio.ensure_future(self._read_stderr())
 
-    async def _read_stderr(self, log: IO[bytes]) -> None:
+    async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         async for raw in self.proc.stderr:
-            log.write(raw)
+            self.log.write(raw)
             self.said.append(raw.decode(errors="replace").strip())
 
     @property
