@@ -75,9 +75,10 @@ def pair_forward(pair: PortPair) -> str:
 class SshTunnel(LoggingConfigurable):
     """How to run ssh between the login host and the node. One instance serves every session.
 
-    Forward mode: the login host runs ``ssh -N -M -L 127.0.0.1:PORT:<socket> node``. Reverse
-    mode: the launcher on the node runs ``ssh -N -M -R 127.0.0.1:PORT:<socket> login-host`` inside
-    the job, so the node needs no sshd (the argv is built here and sent to it over srun's stdin).
+    Forward mode: the login host runs ``ssh -N -M -L <state>/tunnel.sock:<socket> node``,
+    behind the session's relay on 127.0.0.1:PORT (relay.py says why). Reverse mode: the launcher
+    on the node runs ``ssh -N -M -R 127.0.0.1:PORT:<socket> login-host`` inside the job, so the
+    node needs no sshd (the argv is built here and sent to it over srun's stdin).
     """
 
     mode = Enum(
