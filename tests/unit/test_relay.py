@@ -66,49 +66,57 @@ def target(tmp_path):
     return str(tmp_path / "tunnel.sock")
 
 
+@pytest.fixture
+def relay_to(target):
+    """``relay_to(handler)``: a relay on a free port in front of a server running ``handler``."""
+    opened = []
+
+    def make(handler) -> Relay:
+        opened.append(UnixServer(target, handler))
+        opened.append(Relay(free_port(), target))
+        return opened[-1]
+
+    yield make
+    for thing in reversed(opened):
+        thing.close()
+
+
 def connect(relay: Relay) -> socket.socket:
     return socket.create_connection(("127.0.0.1", relay.port), timeout=10)
 
 
-def test_round_trips_and_nodelay(target):
-    server = UnixServer(target, echo_until_eof)
-    relay = Relay(free_port(), target)
-    try:
-        with connect(relay) as c:
-            for size in (1, 100, 70_000):
-                msg = os.urandom(size)
-                c.sendall(msg)
-                got = b""
-                while len(got) < size:
-                    got += c.recv(1 << 16)
-                assert got == msg
-            (pair,) = relay._pairs  # the relay's side of this connection
-            accepted = pair.socks[0]
-            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-    finally:
-        relay.close()
-        server.close()
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        got += sock.recv(1 << 16)
+    return got
 
 
-def test_large_both_ways_with_half_close(target):
-    server = UnixServer(target, digest_then_blob)
-    relay = Relay(free_port(), target)
-    try:
-        sent = os.urandom(20 << 20)
-        with connect(relay) as c:
-            c.sendall(sent)
-            c.shutdown(socket.SHUT_WR)  # our EOF must reach the server for it to answer
-            answer = recv_all(c)
-        assert answer[:32] == hashlib.sha256(sent).digest()
-        assert answer[32:] == bytes(range(256)) * (8 << 12)
-    finally:
-        relay.close()
-        server.close()
+def test_round_trips_and_nodelay(relay_to):
+    relay = relay_to(echo_until_eof)
+    with connect(relay) as c:
+        for size in (1, 100, 70_000):
+            msg = os.urandom(size)
+            c.sendall(msg)
+            assert recv_exactly(c, size) == msg
+        (pair,) = relay._pairs  # the relay's side of this connection
+        accepted = pair.socks[0]
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
-def test_many_connections_at_once(target):
-    server = UnixServer(target, echo_until_eof)
-    relay = Relay(free_port(), target)
+def test_large_both_ways_with_half_close(relay_to):
+    relay = relay_to(digest_then_blob)
+    sent = os.urandom(20 << 20)
+    with connect(relay) as c:
+        c.sendall(sent)
+        c.shutdown(socket.SHUT_WR)  # our EOF must reach the server for it to answer
+        answer = recv_all(c)
+    assert answer[:32] == hashlib.sha256(sent).digest()
+    assert answer[32:] == bytes(range(256)) * (8 << 12)
+
+
+def test_many_connections_at_once(relay_to):
+    relay = relay_to(echo_until_eof)
     results: list[bool] = []
 
     def client(i: int) -> None:
@@ -116,22 +124,15 @@ def test_many_connections_at_once(target):
         with connect(relay) as c:
             sender = threading.Thread(target=c.sendall, args=(msg,))
             sender.start()
-            got = b""
-            while len(got) < len(msg):
-                got += c.recv(1 << 16)
+            results.append(recv_exactly(c, len(msg)) == msg)
             sender.join()
-            results.append(got == msg)
 
-    try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-        assert results == [True] * 12
-    finally:
-        relay.close()
-        server.close()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [True] * 12
 
 
 def test_no_upstream_closes_the_client(target):
@@ -148,9 +149,8 @@ def test_no_upstream_closes_the_client(target):
         relay.close()
 
 
-def test_close_ends_connections_and_frees_the_port(target):
-    server = UnixServer(target, echo_until_eof)
-    relay = Relay(free_port(), target)
+def test_close_ends_connections_and_frees_the_port(relay_to):
+    relay = relay_to(echo_until_eof)
     with connect(relay) as c:
         c.sendall(b"x")
         assert c.recv(1) == b"x"
@@ -158,7 +158,6 @@ def test_close_ends_connections_and_frees_the_port(target):
         assert c.recv(1) == b""  # closed under the client
     assert not port_in_use(relay.port)
     assert not relay._thread.is_alive()
-    server.close()
 
 
 def test_taken_port_is_an_error(target):
