@@ -247,6 +247,7 @@ class Session:
         self._control = await asyncio.start_unix_server(
             self._on_control, path=str(self.state.file(CONTROL))
         )
+        os.chmod(self.state.file(CONTROL), 0o600)  # the directory is 0700; this is belt and braces
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> Outcome:

@@ -64,6 +64,7 @@ def test_kernel_runs_inside_the_job_on_c1_and_token_stays_secret():
         # The state directory and its files are private.
         assert state_dir("alice").stat().st_mode & 0o777 == 0o700
         assert (state_dir("alice") / "session.json").stat().st_mode & 0o777 == 0o600
+        assert (state_dir("alice") / "control.sock").stat().st_mode & 0o777 == 0o600
         runtime = Path(s.record["log"]).parent  # state dir; the node's dir is in the log
         assert runtime.exists()
         s.signal(signal.SIGINT)
