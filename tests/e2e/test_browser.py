@@ -190,22 +190,6 @@ def test_panel_shows_and_stops_a_session_started_with_the_cli(
         cli.close()
 
 
-@pytest.fixture
-def node_full() -> Iterator[str]:
-    """bob holds all of c1's memory, so alice's next job waits in the queue."""
-    job = subprocess.run(
-        ["sbatch", "--parsable", "-p", "interact", "--mem=8000", "-t", "10", "--wrap", "sleep 600"],
-        user="bob", group="bob", extra_groups=[], cwd="/tmp", capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/home/bob"}, check=True,
-    ).stdout.strip()  # fmt: skip
-    deadline = time.monotonic() + 30
-    while squeue("bob") != [f"{job} RUNNING"]:
-        assert time.monotonic() < deadline, squeue("bob")
-        time.sleep(0.2)
-    yield job
-    subprocess.run(["scancel", job], check=False)
-
-
 def test_queued_job_shows_reason_and_elapsed_and_cancels(
     browser: Browser, node_full: str, artifacts: Path
 ) -> None:

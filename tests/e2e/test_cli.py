@@ -356,28 +356,6 @@ def test_bad_input_is_refused_with_one_clear_line_and_submits_nothing(
     assert not [p for p in procs_of("alice")]
 
 
-@pytest.fixture
-def node_full():
-    """bob holds all of c1's memory, so alice's next job must wait in the queue."""
-    job = subprocess.run(
-        ["sbatch", "--parsable", "-p", "interact", "--mem=8000", "-t", "10", "--wrap", "sleep 600"],
-        user="bob",
-        group="bob",
-        extra_groups=[],
-        cwd="/tmp",
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/home/bob"},
-        check=True,
-    ).stdout.strip()
-    deadline = time.monotonic() + 30
-    while squeue("bob") != [f"{job} RUNNING"]:
-        assert time.monotonic() < deadline, squeue("bob")
-        time.sleep(0.2)
-    yield job
-    subprocess.run(["scancel", job], check=False)
-
-
 def test_pending_shows_job_and_reason_and_ctrl_c_cancels_it(node_full):
     s = start("alice", "--mem", "1000", "-t", "10", tty=True)
     try:
