@@ -19,6 +19,7 @@ from tornado.iostream import StreamClosedError
 
 from .errors import SpunnelError, UsageError
 from .extension import SessionHub
+from .fields import json_schema
 
 KEEPALIVE = 15.0  # seconds between SSE comments, so proxies keep the stream open
 
@@ -42,14 +43,10 @@ class ConfigHandler(SpunnelHandler):
         except SpunnelError as e:
             self.fail(e)
             return
-        defaults = {
-            name: getattr(manager, name)
-            for name in ("partition", "mem", "time", "cpus_per_task", "ui")
-        }
-        defaults["gpus"] = ""
-        self.finish(
-            json.dumps({"defaults": defaults, "partitions": [p.to_json() for p in partitions]})
-        )
+        defaults = manager.defaults()
+        schema = json_schema(defaults, [p.name for p in partitions])
+        body = {"defaults": defaults, "partitions": [p.to_json() for p in partitions]}
+        self.finish(json.dumps({**body, "schema": schema}))
 
 
 class SessionHandler(SpunnelHandler):

@@ -1,0 +1,204 @@
+"""What a user may ask for in a session, declared once.
+
+Each ``Field`` names one request option: its REST/JSON name, type, help, command-line flags, the
+srun option it becomes (if any) and how its value is checked. From this one table come the CLI's
+argparse options (cli.py), the REST API's validation (extension.py), the srun argv
+(``SessionRequest.srun_options``) and the JupyterLab form (``json_schema``, served by
+``GET spunnel/api/config``). Adding a Slurm option is one entry here plus its test.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UsageError
+from .slurm import parse_mem_mb, parse_time_limit
+from .tunnel import PortPair, check_port, parse_port_pairs
+
+UI_PATHS = {"lab": "/lab", "notebook": "/tree"}  # the UI a session opens, and its URL path
+TUNNEL_MODES = ("auto", "forward", "reverse")
+
+
+def ui_path(ui: str) -> str:
+    """The URL path of a UI ("lab" -> /lab, "notebook" -> /tree)."""
+    return UI_PATHS.get(ui, "/lab")
+
+
+def _at_least_one(value: int) -> None:
+    if value < 1:
+        raise UsageError("--cpus-per-task must be at least 1", "e.g. -c 2")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # the REST/JSON name, the SpunnelManager trait (if a site default) and argparse dest
+    kind: type  # str or int
+    title: str  # the form's label
+    help: str
+    flags: tuple[str, ...] = ()  # command-line flags; () for none
+    srun: str = ""  # the srun option this becomes ("" for none)
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], object] | None = None  # raises UsageError for a bad value
+    site_default: bool = False  # SpunnelManager has a configurable trait of this name
+    default: Any = ""
+    metavar: str = ""
+    example: str = ""  # an example value (the form's placeholder)
+    form: bool = True  # shown in the JupyterLab form
+    cli_consts: Mapping[str, Any] = field(default_factory=dict)  # e.g. --lab -> "lab"
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("partition", str, "Partition", "Slurm partition", ("-p", "--partition"),
+          srun="--partition", site_default=True),
+    Field("mem", str, "Memory", "memory per node, e.g. 4000 (MB) or 4G", ("--mem",),
+          srun="--mem", check=parse_mem_mb, site_default=True, example="4G"),
+    Field("time", str, "Time limit", "time limit, e.g. 2:00:00", ("-t", "--time"),
+          srun="--time", check=parse_time_limit, site_default=True, example="2:00:00"),
+    Field("cpus_per_task", int, "CPUs", "CPUs for the notebook and its kernels",
+          ("-c", "--cpus-per-task"), srun="--cpus-per-task", check=_at_least_one,
+          site_default=True, default=None, metavar="N"),
+    Field("gpus", str, "GPUs", "GPUs, e.g. 1 or a100:1", ("-G", "--gpus"), srun="--gpus",
+          example="1"),
+    Field("gres", str, "Generic resources", "generic resources, e.g. gpu:1", ("--gres",),
+          srun="--gres", form=False),
+    Field("account", str, "Account", "account to charge", ("-A", "--account"), srun="--account"),
+    Field("qos", str, "QOS", "quality of service", ("-q", "--qos"), srun="--qos", form=False),
+    Field("constraint", str, "Constraint", "node features, e.g. skylake", ("-C", "--constraint"),
+          srun="--constraint", form=False),
+    Field("reservation", str, "Reservation", "reservation to run in", ("--reservation",),
+          srun="--reservation", form=False),
+    Field("job_name", str, "Job name", "the job's name in squeue", ("-J", "--job-name"),
+          srun="--job-name", default="spunnel-notebook", form=False),
+    Field("port", int, "Local port", "local port on this host (default: a free one)",
+          ("--port",), check=lambda p: check_port(p, "--port"), default=None, form=False),
+    Field("ui", str, "Interface", "the UI the URL opens", choices=tuple(UI_PATHS),
+          site_default=True, cli_consts={"--lab": "lab", "--notebook": "notebook"}),
+    Field("tunnels", str, "Extra tunnels",
+          "also forward login port SP to node port EP, like spunnel", ("--tunnel",),
+          check=parse_port_pairs, metavar="SP:EP[,SP:EP...]", example="8001:8000"),
+    Field("tunnel_mode", str, "Tunnel mode",
+          "forward: ssh from here to the node; reverse: the node dials back here (no sshd "
+          "needed on nodes); auto (default): forward, else reverse", ("--tunnel-mode",),
+          choices=TUNNEL_MODES, form=False),
+)  # fmt: skip
+BY_NAME = {f.name: f for f in FIELDS}
+SLURM_FIELDS = tuple(f for f in FIELDS if f.srun)
+
+
+@dataclass
+class SessionRequest:
+    """A checked request, site defaults filled in. ``slurm`` holds the srun fields by name."""
+
+    slurm: dict[str, Any] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)  # srun options after `--`, verbatim
+    port: int | None = None
+    ui: str = "lab"
+    tunnels: list[PortPair] = field(default_factory=list)
+    tunnel_mode: str = ""  # auto, forward or reverse; empty: SshTunnel.mode
+
+    def srun_options(self) -> list[str]:
+        opts = [f"{f.srun}={self.slurm[f.name]}" for f in SLURM_FIELDS if self.slurm.get(f.name)]
+        return [*opts, *self.extra]
+
+
+def check_value(f: Field, value: Any) -> Any:
+    """``value`` checked against ``f`` (type, choices, its own check); raises UsageError."""
+    if f.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(f"{f.name} must be a whole number", "fix the request")
+    if f.kind is str and not isinstance(value, str):
+        raise UsageError(f"{f.name} must be a string", "fix the request")
+    if f.choices and value not in f.choices:
+        raise UsageError(f"unknown {f.name} {value!r}", f"use {' or '.join(f.choices)}")
+    if f.check is not None:
+        f.check(value)
+    return value
+
+
+def build_request(options: Mapping[str, Any], defaults: Mapping[str, Any],
+                  extra: list[str]) -> SessionRequest:  # fmt: skip
+    """A request from user ``options`` (empty values mean "not given") over site ``defaults``.
+
+    Raises UsageError for an unknown field or a bad value; nothing is submitted then.
+    """
+    unknown = sorted(set(options) - set(BY_NAME))
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(unknown)}", f"use {', '.join(BY_NAME)}")
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        value = options.get(f.name)
+        if value in (None, ""):
+            value = defaults.get(f.name) if f.site_default else None
+        if value in (None, "", 0) and f.kind is int and f.site_default:
+            value = None  # a site default of 0 means "Slurm's default"
+        if value in (None, ""):
+            value = f.default
+        if value not in (None, ""):
+            check_value(f, value)
+        values[f.name] = value
+    tunnels = parse_port_pairs(values["tunnels"]) if values["tunnels"] else []
+    req = SessionRequest(
+        slurm={f.name: values[f.name] for f in SLURM_FIELDS},
+        extra=list(extra),
+        port=values["port"],
+        ui=values["ui"] or "lab",
+        tunnels=tunnels,
+        tunnel_mode=values["tunnel_mode"] or "",
+    )
+    for pair in req.tunnels:
+        if pair.local == req.port:
+            raise UsageError(
+                f"port {pair.local} is both --port and a --tunnel login port",
+                "use different login-side ports",
+            )
+    return req
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line's request options, one per field, in two groups."""
+    slurm = parser.add_argument_group("Slurm (passed to srun; defaults from the site config)")
+    other = parser.add_argument_group("Jupyter and tunnels")
+    for f in FIELDS:
+        group = slurm if f.srun else other
+        if f.flags:
+            group.add_argument(
+                *f.flags, dest=f.name, type=f.kind, default=None,
+                help=f.help, metavar=f.metavar or None, choices=f.choices or None,
+            )  # fmt: skip
+        if f.cli_consts:
+            exclusive = group.add_mutually_exclusive_group()
+            for flag, const in f.cli_consts.items():
+                exclusive.add_argument(
+                    flag, dest=f.name, action="store_const", const=const, help=f"{f.title}: {const}"
+                )
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+
+
+def json_schema(defaults: Mapping[str, Any], partitions: list[str]) -> dict[str, Any]:
+    """The form's JSON Schema: the fields shown in JupyterLab, with the site's defaults."""
+    props: dict[str, Any] = {}
+    for f in FIELDS:
+        if not f.form:
+            continue
+        prop: dict[str, Any] = {
+            "type": "integer" if f.kind is int else "string",
+            "title": f.title,
+            "description": f.help,
+        }
+        if f.kind is int and f.check is _at_least_one:
+            prop["minimum"] = 1
+        choices = list(f.choices) or (partitions if f.name == "partition" else [])
+        if choices:
+            prop["enum"] = choices
+        default = defaults.get(f.name) if f.site_default else f.default
+        if default not in (None, "", 0):
+            prop["default"] = default
+        if f.example:
+            prop["examples"] = [f.example]
+        props[f.name] = prop
+    return {"type": "object", "title": "Jupyter on a compute node", "properties": props}
