@@ -50,6 +50,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .fields import add_arguments
+
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Run Jupyter on a Slurm compute node and tunnel it to this login host.",
@@ -57,38 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage=f"{PROG} [options] [-- srun options] | {PROG} status|stop|forward",
     )
-    slurm = p.add_argument_group("Slurm (passed to srun; defaults from the site config)")
-    slurm.add_argument("-p", "--partition", default="")
-    slurm.add_argument("--mem", default="", help="memory per node, e.g. 4000 (MB) or 4G")
-    slurm.add_argument("-t", "--time", default="", help="time limit, e.g. 2:00:00")
-    slurm.add_argument("-c", "--cpus-per-task", type=int, default=None, metavar="N")
-    slurm.add_argument("-G", "--gpus", default="")
-    slurm.add_argument("--gres", default="")
-    slurm.add_argument("-A", "--account", default="")
-    slurm.add_argument("-q", "--qos", default="")
-    slurm.add_argument("-C", "--constraint", default="")
-    slurm.add_argument("--reservation", default="")
-    slurm.add_argument("-J", "--job-name", default="spunnel-notebook")
-    jup = p.add_argument_group("Jupyter and tunnels")
-    jup.add_argument("--port", type=int, default=None, help="local port (default: a free one)")
-    ui = jup.add_mutually_exclusive_group()
-    ui.add_argument("--lab", dest="ui", action="store_const", const="lab", help="JupyterLab")
-    ui.add_argument(
-        "--notebook", dest="ui", action="store_const", const="notebook", help="Jupyter Notebook"
-    )
-    jup.add_argument(
-        "--tunnel",
-        default="",
-        metavar="SP:EP[,SP:EP...]",
-        help="also forward login port SP to node port EP, like spunnel",
-    )
-    jup.add_argument(
-        "--tunnel-mode",
-        choices=["auto", "forward", "reverse"],
-        default="",
-        help="forward: ssh from here to the node; reverse: the node dials back here "
-        "(no sshd needed on nodes); auto (default): forward, else reverse",
-    )
+    add_arguments(p)
     other = p.add_argument_group("other")
     other.add_argument(
         "--status",
@@ -146,8 +117,8 @@ class Console:
 
 
 def describe(session: Session) -> str:
-    from .session import Phase
-    from .slurm import format_duration
+    from .backend import format_duration
+    from .machine import Phase
 
     if session.job_id is None:
         return "submitting the job"
@@ -167,27 +138,10 @@ def describe(session: Session) -> str:
 
 
 async def run_session(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
-    from .session import Phase
-    from .tunnel import parse_port_pairs
+    from .fields import options_from_args
+    from .machine import Phase
 
-    req = manager.request(
-        partition=args.partition,
-        mem=args.mem,
-        time=args.time,
-        cpus_per_task=args.cpus_per_task,
-        gpus=args.gpus,
-        gres=args.gres,
-        account=args.account,
-        qos=args.qos,
-        constraint=args.constraint,
-        reservation=args.reservation,
-        job_name=args.job_name,
-        extra=args.srun_extra,
-        port=args.port,
-        ui=args.ui or "",
-        tunnels=parse_port_pairs(args.tunnel) if args.tunnel else [],
-        tunnel_mode=args.tunnel_mode,
-    )
+    req = manager.request(options_from_args(args), args.srun_extra)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     holder: dict[str, Session] = {}
@@ -265,7 +219,8 @@ async def _tick(session: Session, console: Console) -> None:
 
 
 def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int:
-    from .slurm import format_duration
+    from .backend import format_duration
+    from .protocol import public_view
 
     record = manager.status()
     if record is None:
@@ -275,8 +230,7 @@ def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int
             console.say(f"{PROG}: no session is running on this host")
         return ExitCode.NO_SESSION
     if as_json:
-        record = {k: v for k, v in record.items() if k != "token"}
-        console.say(json.dumps(record, indent=1, sort_keys=True), sys.stdout)
+        console.say(json.dumps(public_view(record), indent=1, sort_keys=True), sys.stdout)
         return ExitCode.OK
     left = ""
     if record.get("end_time"):

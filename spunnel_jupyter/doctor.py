@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from typing import Any
 from . import process
 from .errors import SpunnelError
 from .manager import SpunnelManager
-from .slurm import COMMENT_PREFIX
-from .state import filesystem_type, hostname
+from .protocol import job_tag
+from .state import filesystem_type
 
 
 @dataclass
@@ -48,8 +50,7 @@ async def run_checks(manager: SpunnelManager, allocate: bool) -> list[Check]:
     checks: list[Check] = []
     slurm, tunnel = manager.slurm, manager.tunnel
     try:
-        paths = [slurm.command(name) for name in ("srun", "squeue", "sinfo", "scancel")]
-        checks.append(Check("Slurm commands", "ok", ", ".join(paths)))
+        checks.append(Check("Slurm commands", "ok", ", ".join(slurm.commands())))
     except SpunnelError as e:
         checks.append(Check("Slurm commands", "FAIL", e.message, e.remedy))
         return checks
@@ -95,11 +96,12 @@ async def _allocation_checks(manager: SpunnelManager) -> list[Check]:
     python = manager.launcher_command[0] if manager.launcher_command else sys.executable
     back = [*tunnel.ssh_command, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
             *tunnel.ssh_options, tunnel.reverse_host]  # fmt: skip
-    job = manager.request(time="2", job_name="spunnel-doctor").job
-    comment = f"{COMMENT_PREFIX}:{hostname()}:doctor"
-    argv = slurm.srun_argv(job, comment, [python, "-c", _NODE_PROBE, *back])
+    req = manager.request({"time": "2", "job_name": "spunnel-doctor"})
     started = time.monotonic()
-    srun = await process.spawn(argv, stdin=asyncio.subprocess.PIPE)
+    srun = await slurm.start_step(
+        req.srun_options(), job_tag("doctor"), [python, "-c", _NODE_PROBE, *back],
+        stdin=asyncio.subprocess.PIPE, env=os.environ, death_signal=signal.SIGTERM,
+    )  # fmt: skip
     checks: list[Check] = []
     try:
         assert srun.stdout is not None and srun.stdin is not None
@@ -136,7 +138,7 @@ async def _allocation_checks(manager: SpunnelManager) -> list[Check]:
     finally:
         if srun.returncode is None:
             for job_id, tag, _ in await slurm.my_jobs():
-                if tag == comment:
+                if tag == job_tag("doctor"):
                     await slurm.cancel(job_id)
             await process.stop(srun, grace=5, first=None)
     return checks

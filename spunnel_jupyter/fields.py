@@ -14,17 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backend import parse_mem_mb, parse_time_limit
 from .errors import UsageError
-from .slurm import parse_mem_mb, parse_time_limit
+from .protocol import UI_PATHS
 from .tunnel import PortPair, check_port, parse_port_pairs
 
-UI_PATHS = {"lab": "/lab", "notebook": "/tree"}  # the UI a session opens, and its URL path
 TUNNEL_MODES = ("auto", "forward", "reverse")
-
-
-def ui_path(ui: str) -> str:
-    """The URL path of a UI ("lab" -> /lab, "notebook" -> /tree)."""
-    return UI_PATHS.get(ui, "/lab")
 
 
 def _at_least_one(value: int) -> None:

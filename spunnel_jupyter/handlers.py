@@ -18,8 +18,8 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from .errors import SpunnelError, UsageError
-from .extension import SessionHub
 from .fields import json_schema
+from .hub import SessionHub
 
 KEEPALIVE = 15.0  # seconds between SSE comments, so proxies keep the stream open
 

@@ -1,10 +1,10 @@
 """The node side: run as the allocation's single task by srun, on the compute node.
 
-    python -m spunnel_jupyter.launcher  < one JSON line of settings (with the token) on stdin
+    python -m spunnel_jupyter.launcher  < one line of settings (with the token) on stdin
 
 It creates the private per-job runtime directory ``<base>/spunnel.<JOBID>.<RESTART>`` (0700),
 starts Jupyter bound only to a Unix socket inside it, and reports on stdout, over the srun channel,
-one ``@spunnel {json}`` line per event: ``started``, ``ready`` (with the socket path), ``exited``
+one event line (protocol.py) per event: ``started``, ``ready`` (with the socket path), ``exited``
 (with why). When Jupyter exits or the task is signalled (scancel, walltime, srun interrupted) it
 stops Jupyter and every process Jupyter left behind, removes the directory, and exits.
 
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from . import probes, process
+from .protocol import LauncherSettings, NodeEvent, ProtocolError, ui_path
 
-EVENT_PREFIX = "@spunnel "
 _PR_SET_CHILD_SUBREAPER = 36
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
@@ -38,7 +38,7 @@ _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 def emit(event: str, **fields: Any) -> None:
     """Report an event to the supervisor on the login host (one line on stdout)."""
     with contextlib.suppress(OSError):
-        sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}) + "\n")
+        sys.stdout.write(NodeEvent(event, fields).line())
         sys.stdout.flush()
 
 
@@ -105,21 +105,17 @@ def kill_leftovers() -> None:
 
 
 class Launcher:
-    def __init__(self, settings: dict[str, Any], commands: asyncio.StreamReader) -> None:
+    def __init__(self, settings: LauncherSettings, commands: asyncio.StreamReader) -> None:
         self.commands = commands
         self.failure = ""  # why the launcher gave up (e.g. the reverse tunnel), if it did
         self.reverse: asyncio.Future[None] | None = None
-        self.token: str = settings["token"]
-        self.ui: str = settings.get("ui", "lab")
-        self.base: str = settings.get("runtime_base") or tempfile.gettempdir()
-        self.command: list[str] = settings.get("jupyter_command") or [
-            sys.executable,
-            "-m",
-            "jupyter_server",
-        ]
-        self.args: list[str] = settings.get("jupyter_args", [])
-        self.start_timeout: float = float(settings.get("start_timeout", 120))
-        self.stop_grace: float = float(settings.get("stop_grace", 1.0))
+        self.token = settings.token
+        self.ui = settings.ui
+        self.base = settings.runtime_base or tempfile.gettempdir()
+        self.command = settings.jupyter_command or [sys.executable, "-m", "jupyter_server"]
+        self.args = settings.jupyter_args
+        self.start_timeout = float(settings.start_timeout)
+        self.stop_grace = float(settings.stop_grace)
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         self.stopping = asyncio.Event()
@@ -175,7 +171,7 @@ class Launcher:
             "--ServerApp.sock_mode=0600",
             "--ServerApp.open_browser=False",
             "--ServerApp.jpserver_extensions=spunnel_jupyter=False",  # no sessions from sessions
-            f"--ServerApp.default_url={'/tree' if self.ui == 'notebook' else '/lab'}",
+            f"--ServerApp.default_url={ui_path(self.ui)}",
             *self.args,
         ]
         jupyter = await asyncio.create_subprocess_exec(
@@ -196,7 +192,7 @@ class Launcher:
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         failed = ready.done() and not ready.result()
         if ready.done() and ready.result():
-            emit("ready", socket=str(sock), url_path="/tree" if self.ui == "notebook" else "/lab")
+            emit("ready", socket=str(sock))
             listening = asyncio.ensure_future(self._listen(rundir, sock))
         elif failed:
             emit(
@@ -247,7 +243,7 @@ class Launcher:
         """
         ctl = Path(plan["check"][plan["check"].index("-S") + 1])
         lost_since: float | None = None
-        delay = 0.05
+        backoff = probes.Backoff()
         while True:
             with contextlib.suppress(FileNotFoundError):
                 ctl.unlink()
@@ -258,7 +254,8 @@ class Launcher:
             up = await self._wait_master(ssh, plan, ctl)
             if up:
                 emit("tunnel", state="up", mode="reverse", host=plan["argv"][-1])
-                lost_since, delay = None, 0.05
+                lost_since = None
+                backoff.reset()
                 await ssh.wait()
             else:
                 await process.stop(ssh, grace=0.5)
@@ -274,8 +271,7 @@ class Launcher:
                 )
                 self.stopping.set()
                 return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await backoff.sleep()
 
     async def _wait_master(
         self, ssh: asyncio.subprocess.Process, plan: dict[str, Any], ctl: Path
@@ -322,10 +318,12 @@ async def amain() -> int:
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     try:
-        settings = json.loads(await asyncio.wait_for(stdin.readline(), 60))
-        settings["token"]
-    except (ValueError, KeyError, TypeError, asyncio.TimeoutError):
+        settings = LauncherSettings.parse(await asyncio.wait_for(stdin.readline(), 60))
+    except asyncio.TimeoutError:
         emit("exited", reason="error", message="no settings on stdin: run me through spunnel")
+        return 2
+    except ProtocolError as e:
+        emit("exited", reason="version", message=str(e))
         return 2
     return await Launcher(settings, stdin).run()
 

@@ -11,36 +11,24 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from traitlets import Enum as TEnum
-from traitlets import Float, Instance, Int, List, Unicode, default
+from traitlets import Float, Instance, Int, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import probes, process
+from .backend import SlurmBackend, format_duration, parse_mem_mb, parse_time_limit
+from .control import send
 from .errors import NoSession, SessionExists, SpunnelError, UsageError
+from .fields import FIELDS, SessionRequest, build_request
+from .protocol import ControlRequest, job_tag
 from .session import Session
-from .slurm import (
-    COMMENT_PREFIX,
-    JobRequest,
-    SlurmCLI,
-    format_duration,
-    parse_mem_mb,
-    parse_time_limit,
-)
-from .state import CONTROL, CONTROL_PATH, LAST, RECORD, TUNNEL, StateDir, hostname
-from .tunnel import PortPair, SshTunnel, check_port
-
-
-@dataclass
-class SessionRequest:
-    job: JobRequest = field(default_factory=JobRequest)
-    port: int | None = None
-    ui: str = "lab"
-    tunnels: list[PortPair] = field(default_factory=list)
-    tunnel_mode: str = ""  # auto, forward or reverse; empty: SshTunnel.mode
+from .settings import SessionSettings
+from .slurm import SlurmCLI
+from .state import CONTROL, CONTROL_PATH, LAST, RECORD, TUNNEL_SOCKET, StateDir
+from .tunnel import SshTunnel
 
 
 class SpunnelManager(LoggingConfigurable):
@@ -117,16 +105,43 @@ class SpunnelManager(LoggingConfigurable):
         help="Name of this login host as seen from laptops, for the printed `ssh -L` line.",
     )
 
-    slurm = Instance(SlurmCLI)
+    logs_kept = Int(
+        5, config=True, help="How many earlier session logs to keep (session.log.1, .2, ...)."
+    )
+    slurm_class = Type(
+        SlurmCLI,
+        klass=LoggingConfigurable,
+        config=True,
+        help="""The Slurm backend (backend.SlurmBackend): how sessions talk to Slurm. Default:
+        the command-line tools (SlurmCLI).""",
+    )
+
+    slurm_impl = Instance(LoggingConfigurable)
     tunnel = Instance(SshTunnel)
 
     @default("login_host")
     def _login_host_default(self) -> str:
         return socket.getfqdn()
 
-    @default("slurm")
-    def _slurm_default(self) -> SlurmCLI:
-        return SlurmCLI(parent=self)
+    @default("slurm_impl")
+    def _slurm_default(self) -> LoggingConfigurable:
+        return self.slurm_class(parent=self)  # type: ignore[no-any-return]
+
+    @property
+    def slurm(self) -> SlurmBackend:
+        return self.slurm_impl  # type: ignore[return-value]
+
+    def session_settings(self) -> SessionSettings:
+        """A frozen copy of what a session needs: the session never reads the manager."""
+        return SessionSettings(
+            slurm=self.slurm, tunnel=self.tunnel, log=self.log,
+            launcher_command=tuple(self.launcher_command), runtime_base=self.runtime_base,
+            jupyter_command=tuple(self.jupyter_command), jupyter_args=tuple(self.jupyter_args),
+            start_timeout=self.start_timeout, stop_timeout=self.stop_timeout,
+            jupyter_stop_grace=self.jupyter_stop_grace,
+            pending_poll_interval=self.pending_poll_interval,
+            refresh_interval=self.refresh_interval, logs_kept=self.logs_kept,
+        )  # fmt: skip
 
     @default("tunnel")
     def _tunnel_default(self) -> SshTunnel:
@@ -136,68 +151,32 @@ class SpunnelManager(LoggingConfigurable):
         return StateDir(self.state_dir or None).ensure()
 
     # -- requests ----------------------------------------------------------------------------
-    def request(
-        self,
-        *,
-        partition: str = "",
-        mem: str = "",
-        time: str = "",
-        cpus_per_task: int | None = None,
-        port: int | None = None,
-        ui: str = "",
-        tunnels: list[PortPair] | None = None,
-        tunnel_mode: str = "",
-        **job: Any,
-    ) -> SessionRequest:
-        """A request with the site defaults filled in and its syntax checked."""
-        req = SessionRequest(
-            job=JobRequest(
-                partition=partition or self.partition,
-                mem=str(mem or self.mem),
-                time=time or self.time,
-                cpus_per_task=cpus_per_task or self.cpus_per_task or None,
-                **job,
-            ),
-            port=check_port(port, "--port") if port else None,
-            ui=ui or self.ui,
-            tunnels=list(tunnels or []),
-            tunnel_mode=tunnel_mode,
-        )
-        if tunnel_mode not in ("", "auto", "forward", "reverse"):
-            raise UsageError(f"unknown tunnel mode {tunnel_mode!r}", "use auto, forward or reverse")
-        req.job.extra = [*self.srun_args, *req.job.extra]
-        if req.ui not in ("lab", "notebook"):
-            raise UsageError(f"unknown UI {req.ui!r}", "use 'lab' or 'notebook'")
-        if req.job.time:
-            parse_time_limit(req.job.time)
-        if req.job.mem:
-            parse_mem_mb(req.job.mem)
-        if req.job.cpus_per_task is not None and req.job.cpus_per_task < 1:
-            raise UsageError("--cpus-per-task must be at least 1", "e.g. -c 2")
-        for pair in req.tunnels:
-            if pair.local == req.port:
-                raise UsageError(
-                    f"port {pair.local} is both --port and a --tunnel login port",
-                    "use different login-side ports",
-                )
-        return req
+    def defaults(self) -> dict[str, Any]:
+        """The site's defaults for the request fields that have one."""
+        return {f.name: getattr(self, f.name) for f in FIELDS if f.site_default}
+
+    def request(self, options: Mapping[str, Any], extra: Sequence[str] = ()) -> SessionRequest:
+        """A request from the user's ``options`` (fields.py) over the site defaults, checked.
+
+        The site's ``srun_args`` go before the user's own ``extra`` srun options.
+        """
+        return build_request(options, self.defaults(), [*self.srun_args, *extra])
 
     def _check_local_ports(self, req: SessionRequest) -> None:
         for port, what in [(req.port, "--port"), *((p.local, "--tunnel") for p in req.tunnels)]:
-            if port and probes.port_in_use(port):
-                raise UsageError(
-                    f"local port {port} ({what}) is already in use on this host",
-                    "pick another port, or leave --port out to get a free one",
-                )
+            if port:
+                probes.check_free(port, what)
 
-    async def _check_against_cluster(self, job: JobRequest) -> None:
+    async def _check_against_cluster(self, req: SessionRequest) -> None:
         """Refuse what Slurm would refuse (or leave pending forever) before submitting anything."""
+        partition, time, mem = (req.slurm.get(k) for k in ("partition", "time", "mem"))
+        cpus = req.slurm.get("cpus_per_task")
         partitions = await self.slurm.partitions()
         names = ", ".join(p.name for p in partitions) or "none"
-        if job.partition:
-            wanted = [p for p in partitions if p.name == job.partition]
+        if partition:
+            wanted = [p for p in partitions if p.name == partition]
             if not wanted:
-                raise UsageError(f"unknown partition {job.partition!r}", f"choose one of: {names}")
+                raise UsageError(f"unknown partition {partition!r}", f"choose one of: {names}")
         else:
             wanted = [p for p in partitions if p.default]
         if not wanted:
@@ -205,23 +184,23 @@ class SpunnelManager(LoggingConfigurable):
         part = wanted[0]
         if not part.available:
             raise UsageError(f"partition {part.name!r} is down", f"choose one of: {names}")
-        if job.time and part.max_time is not None:
-            limit = parse_time_limit(job.time)
+        if time and part.max_time is not None:
+            limit = parse_time_limit(time)
             if limit is None or limit > part.max_time:
                 raise UsageError(
-                    f"time limit {job.time} exceeds partition {part.name!r}'s maximum "
+                    f"time limit {time} exceeds partition {part.name!r}'s maximum "
                     f"{format_duration(part.max_time)}",
                     "ask for less time or choose another partition",
                 )
-        if job.mem and part.max_mem_mb and parse_mem_mb(job.mem) > part.max_mem_mb:
+        if mem and part.max_mem_mb and parse_mem_mb(mem) > part.max_mem_mb:
             raise UsageError(
-                f"--mem {job.mem} is more than any node in partition {part.name!r} has "
+                f"--mem {mem} is more than any node in partition {part.name!r} has "
                 f"({part.max_mem_mb} MB)",
                 f"ask for at most {part.max_mem_mb} MB",
             )
-        if job.cpus_per_task and part.max_cpus and job.cpus_per_task > part.max_cpus:
+        if cpus and part.max_cpus and cpus > part.max_cpus:
             raise UsageError(
-                f"{job.cpus_per_task} CPUs is more than any node in partition {part.name!r} "
+                f"{cpus} CPUs is more than any node in partition {part.name!r} "
                 f"has ({part.max_cpus})",
                 f"ask for at most {part.max_cpus}",
             )
@@ -244,8 +223,8 @@ class SpunnelManager(LoggingConfigurable):
         try:
             notes = await self.clean_leftovers(state)
             self._check_local_ports(req)
-            await self._check_against_cluster(req.job)
-            session = Session(self, req, state, on_change, owner)
+            await self._check_against_cluster(req)
+            session = Session(self.session_settings(), req, state, on_change, owner)
             session.notes.extend(notes)
             await session.launch()
         except BaseException:
@@ -263,7 +242,7 @@ class SpunnelManager(LoggingConfigurable):
         if record is None:
             return notes  # the record is written before srun starts and removed last
         # Jobs this tool submitted from this host; with the lock ours, none has a live owner.
-        tag = f"{COMMENT_PREFIX}:{hostname()}:"
+        tag = job_tag()
         for job_id, comment, job_state in await self.slurm.my_jobs():
             if comment.startswith(tag) and job_state.active:
                 await self.slurm.cancel(job_id)
@@ -272,7 +251,7 @@ class SpunnelManager(LoggingConfigurable):
             pid = record.get(f"{what}_pid")
             if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
-        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL)
+        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET)
         if not notes:
             notes.append("removed the record of a session whose supervisor died")
         return notes
@@ -321,19 +300,8 @@ class SpunnelManager(LoggingConfigurable):
         state = self.state()
         if not state.is_locked():
             raise NoSession("no session is running on this host", "start one with spunnel-notebook")
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_unix_connection(str(state.file(CONTROL))), 5
-        )
-        try:
-            writer.write(command.encode() + b"\n")
-            await writer.drain()
-            answer = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
-        finally:
-            writer.close()
-        status, _, text = answer.partition(" ")
-        if status != "ok":
-            raise UsageError(text or "the session's supervisor did not answer", "")
-        return text
+        verb, _, arg = command.partition(" ")
+        return await send(state.file(CONTROL), ControlRequest(verb, arg))
 
 
 def describe_running(record: dict[str, Any]) -> tuple[str, str]:

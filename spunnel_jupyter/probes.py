@@ -1,4 +1,7 @@
-"""Small readiness probes: an HTTP status over TCP or a Unix socket, port checks, backoff."""
+"""Small readiness probes: an HTTP status over TCP or a Unix socket, port checks, backoff.
+
+Standard library only: the launcher uses it on the node.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
+
+from .errors import UsageError
 
 
 async def http_status(
@@ -56,10 +61,40 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def check_free(port: int, what: str) -> None:
+    """UsageError unless 127.0.0.1:``port`` can be bound (``what``: the option that names it)."""
+    if port_in_use(port):
+        raise UsageError(
+            f"local port {port} ({what}) is already in use on this host",
+            "pick another port, or leave --port out to get a free one",
+        )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class Backoff:
+    """Capped exponential delays (``first``, doubling, at most ``cap``): the one retry pacing."""
+
+    def __init__(self, first: float = 0.05, cap: float = 2.0) -> None:
+        self.first, self.cap = first, cap
+        self.delay = first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    def next(self) -> float:
+        """The delay to wait now; the following one doubles, up to ``cap``."""
+        delay = self.delay
+        self.delay = min(delay * 2, self.cap)
+        return delay
+
+    async def sleep(self, limit: float | None = None) -> None:
+        delay = self.next()
+        await asyncio.sleep(delay if limit is None else max(0.0, min(delay, limit)))
 
 
 async def wait_until(
@@ -71,12 +106,11 @@ async def wait_until(
 ) -> bool:
     """Await ``check()`` with exponential backoff until it is true or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
-    delay = first
+    backoff = Backoff(first, cap)
     while True:
         if await check():
             return True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, cap)
+        await backoff.sleep(remaining)

@@ -1,172 +1,28 @@
-"""Slurm through its command-line tools: the allocation's srun command, job queries, cancel.
+"""The Slurm backend built on Slurm's command-line tools (srun, scontrol, squeue, sinfo, scancel).
 
-Job state UNKNOWN means "the controller did not answer"; it never means the job died.
-Every call here is bounded by ``SlurmCLI.timeout`` and runs without a shell.
+It implements ``backend.SlurmBackend``. Job state UNKNOWN means "the controller did not answer";
+it never means the job died. Every call here is bounded by ``SlurmCLI.timeout`` and runs without
+a shell.
 """
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import re
 import shutil
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from datetime import datetime
-from enum import Enum
 
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from . import process
+from .backend import TIME_FORMS, JobInfo, JobState, Partition, parse_time_limit
 from .errors import SlurmRejected, SlurmUnavailable, SpunnelError, UsageError
-
-COMMENT_PREFIX = "spunnel-jupyter"  # jobs are tagged --comment=spunnel-jupyter:<host>:<session>
-
-
-class JobState(str, Enum):
-    PENDING = "PENDING"
-    CONFIGURING = "CONFIGURING"
-    RUNNING = "RUNNING"
-    SUSPENDED = "SUSPENDED"
-    COMPLETING = "COMPLETING"
-    COMPLETED = "COMPLETED"
-    CANCELLED = "CANCELLED"
-    FAILED = "FAILED"
-    TIMEOUT = "TIMEOUT"
-    NODE_FAIL = "NODE_FAIL"
-    PREEMPTED = "PREEMPTED"
-    OUT_OF_MEMORY = "OUT_OF_MEMORY"
-    BOOT_FAIL = "BOOT_FAIL"
-    DEADLINE = "DEADLINE"
-    GONE = "GONE"  # no longer known to the controller
-    UNKNOWN = "UNKNOWN"  # the controller did not answer: the job may well be alive
-
-    @property
-    def active(self) -> bool:
-        """Holds resources or may still get them (UNKNOWN counts: we cannot say it ended)."""
-        return self in _ACTIVE
-
-    @classmethod
-    def parse(cls, text: str) -> JobState:
-        name = text.strip().split()[0] if text.strip() else ""
-        return cls.__members__.get(name, cls.UNKNOWN)
-
-
-_ACTIVE = {
-    JobState.PENDING,
-    JobState.CONFIGURING,
-    JobState.RUNNING,
-    JobState.SUSPENDED,
-    JobState.COMPLETING,
-    JobState.UNKNOWN,
-}
-
-# -- parsing user input ---------------------------------------------------------------------------
-_TIME_FORMS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 2:00:00)"
-
-
-def parse_time_limit(text: str) -> int | None:
-    """Seconds in a Slurm time limit, None for UNLIMITED. Raises UsageError when malformed."""
-    value = text.strip()
-    if value.upper() in ("UNLIMITED", "INFINITE"):
-        return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
-    if not m:
-        raise UsageError(f"invalid time limit {text!r}", f"use {_TIME_FORMS}")
-    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
-    if days is not None:  # D-HH[:MM[:SS]]
-        seconds = days * 86400 + (a or 0) * 3600 + (b or 0) * 60 + (c or 0)
-    elif c is not None:  # HH:MM:SS
-        seconds = (a or 0) * 3600 + (b or 0) * 60 + c
-    elif b is not None:  # MM:SS
-        seconds = (a or 0) * 60 + b
-    else:  # minutes
-        seconds = (a or 0) * 60
-    if seconds <= 0:
-        raise UsageError(f"invalid time limit {text!r}: it must be longer than zero", _TIME_FORMS)
-    return seconds
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "UNLIMITED"
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
-    return f"{days}-{text}" if days else text
-
-
-def parse_mem_mb(text: str) -> int:
-    """Megabytes in a Slurm --mem value (default unit M; K, M, G, T suffixes)."""
-    m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
-    if not m:
-        raise UsageError(f"invalid memory {text!r}", "use megabytes or a unit, e.g. 4000 or 4G")
-    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[m.group(2)]
-    return int(int(m.group(1)) * scale)
-
-
-@dataclass
-class JobRequest:
-    """What the user asks Slurm for; each field maps to the srun option of the same name."""
-
-    partition: str = ""
-    mem: str = ""
-    time: str = ""
-    cpus_per_task: int | None = None
-    gpus: str = ""
-    gres: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    reservation: str = ""
-    job_name: str = "spunnel-notebook"
-    extra: list[str] = field(default_factory=list)  # after `--`: passed to srun verbatim
-
-    def srun_options(self) -> list[str]:
-        opts = []
-        for name in (
-            "partition",
-            "mem",
-            "time",
-            "gpus",
-            "gres",
-            "account",
-            "qos",
-            "constraint",
-            "reservation",
-            "job_name",
-        ):
-            value = getattr(self, name)
-            if value:
-                opts.append(f"--{name.replace('_', '-')}={value}")
-        if self.cpus_per_task:
-            opts.append(f"--cpus-per-task={self.cpus_per_task}")
-        return [*opts, *self.extra]
-
-
-@dataclass
-class Partition:
-    name: str
-    default: bool
-    available: bool
-    max_time: int | None  # seconds; None = unlimited
-    max_mem_mb: int  # largest node's memory
-    max_cpus: int  # largest node's CPUs
-    nodes: int
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass
-class JobInfo:
-    job_id: int
-    state: JobState
-    reason: str = ""
-    nodes: str = ""
-    end_time: float | None = None  # epoch seconds; None when unknown or unlimited
-
 
 # Fragments of Slurm's own error texts that mean "the controller did not answer".
 _UNREACHABLE = (
@@ -184,7 +40,7 @@ _REJECTIONS = [
         "no node can satisfy this request (memory, CPUs, GPUs or constraint)",
         "ask for less; `sinfo -o '%P %m %c %G'` shows what nodes have",
     ),
-    ("Invalid --time specification", "invalid time limit", f"use {_TIME_FORMS}"),
+    ("Invalid --time specification", "invalid time limit", f"use {TIME_FORMS}"),
     (
         "Requested time limit is invalid",
         "the time limit exceeds the partition's",
@@ -334,16 +190,27 @@ class SlurmCLI(LoggingConfigurable):
         ):
             raise classify_error(result.stderr)
 
-    def srun_argv(self, job: JobRequest, comment: str, command: list[str]) -> list[str]:
+    def srun_argv(self, options: list[str], tag: str, command: list[str]) -> list[str]:
         """The srun that creates the allocation and runs ``command`` as its single task."""
-        return [
-            self.command("srun"),
-            "--nodes=1",
-            "--ntasks=1",
-            f"--comment={comment}",
-            *job.srun_options(),
-            *command,
-        ]
+        return [self.command("srun"), "--nodes=1", "--ntasks=1", f"--comment={tag}",
+                *options, *command]  # fmt: skip
+
+    async def start_step(
+        self, options: list[str], tag: str, command: list[str], *, stdin: int,
+        env: Mapping[str, str], death_signal: signal.Signals,
+    ) -> asyncio.subprocess.Process:  # fmt: skip
+        argv = self.srun_argv(options, tag, command)
+        self.log.debug("$ %s", " ".join(argv))
+        try:
+            return await process.spawn(argv, stdin=stdin, env=dict(env), death_signal=death_signal)
+        except FileNotFoundError as e:
+            raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
+
+    def classify_error(self, text: str) -> SpunnelError:
+        return classify_error(text)
+
+    def commands(self) -> list[str]:
+        return [self.command(name) for name in ("srun", "scontrol", "squeue", "sinfo", "scancel")]
 
 
 _KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z:]+)=(\S*)")  # `scontrol -o show job` fields

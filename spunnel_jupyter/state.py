@@ -22,7 +22,7 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import StateError
 
@@ -30,7 +30,7 @@ RECORD = "session.json"  # the running session (holds the token)
 LOCK = "lock"  # flock(2)ed by the session's supervisor
 CONTROL = "control.sock"  # the supervisor's control socket (stop, forward)
 CONTROL_PATH = "ctl"  # the ssh ControlMaster's socket
-TUNNEL = "tunnel.sock"  # the login end of the master's -L to Jupyter's socket (behind the relay)
+TUNNEL_SOCKET = "tunnel.sock"  # the login end of the -L to Jupyter's socket (behind the relay)
 LOG = "session.log"  # srun's, ssh's and (token-masked) Jupyter's output
 LAST = "last.json"  # how the previous session ended (no secrets)
 # Filesystems whose locks or Unix sockets are not host-local.
@@ -170,6 +170,21 @@ class StateDir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def open_log(self, name: str, keep: int) -> IO[bytes]:
+        """A new log ``name`` (0600, unbuffered); the previous ones move to ``name.1`` ...
+        ``name.<keep>`` (the oldest is dropped), so a new session never erases the last one's."""
+        for n in range(keep, 0, -1):
+            older = self.file(f"{name}.{n - 1}" if n > 1 else name)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(older, self.file(f"{name}.{n}"))
+
+        def opener(path: str, flags: int) -> int:
+            return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+        log = open(self.file(name), "wb", buffering=0, opener=opener)
+        os.fchmod(log.fileno(), 0o600)  # an older log may have been looser
+        return log
 
     def remove(self, *names: str) -> None:
         for name in names:

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from spunnel_jupyter.backend import JobState, format_duration, parse_mem_mb, parse_time_limit
 from spunnel_jupyter.errors import ExitCode, SlurmRejected, SlurmUnavailable, UsageError
-from spunnel_jupyter.slurm import (
-    JobRequest,
-    JobState,
-    classify_error,
-    format_duration,
-    parse_mem_mb,
-    parse_time_limit,
-)
+from spunnel_jupyter.fields import build_request
+from spunnel_jupyter.slurm import classify_error
 from spunnel_jupyter.tunnel import PortPair, parse_port_pairs
 
 
@@ -88,23 +83,18 @@ def test_bad_port_pairs(text, message):
 
 
 def test_srun_options_map_one_to_one():
-    job = JobRequest(
-        partition="interact",
-        mem="4000",
-        time="2:00:00",
-        cpus_per_task=2,
-        gpus="1",
-        account="lab",
-        extra=["--exclusive"],
-    )
-    assert job.srun_options() == [
+    options = {"partition": "interact", "mem": "4000", "time": "2:00:00", "cpus_per_task": 2,
+               "gpus": "1", "account": "lab", "qos": "high"}  # fmt: skip
+    req = build_request(options, {}, ["--exclusive"])
+    assert req.srun_options() == [
         "--partition=interact",
         "--mem=4000",
         "--time=2:00:00",
+        "--cpus-per-task=2",
         "--gpus=1",
         "--account=lab",
+        "--qos=high",
         "--job-name=spunnel-notebook",
-        "--cpus-per-task=2",
         "--exclusive",
     ]
 

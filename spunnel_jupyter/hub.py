@@ -1,0 +1,90 @@
+"""The server extension's view of sessions: the shared ``SpunnelManager`` adapted to a long-running
+Jupyter server.
+
+``SessionHub`` starts sessions owned by this server (``owner="jupyterlab"``), shows and stops any
+session of this user on this host whichever front end started it (through the same state directory
+and control socket), and wakes event streams when something changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from .errors import NoSession
+from .manager import SpunnelManager
+from .protocol import public_view
+from .session import Session
+
+
+class SessionHub:
+    """One per server process: the current session (ours or another front end's) and its changes."""
+
+    def __init__(self, manager: SpunnelManager) -> None:
+        self.manager = manager
+        self.session: Session | None = None  # the one this server owns, while it runs
+        self.changed = asyncio.Event()
+        self._watcher: asyncio.Future[None] | None = None
+
+    def current(self) -> dict[str, Any] | None:
+        """The live session's public view, or None."""
+        if self.session is not None and self.session.outcome is None:
+            return public_view(self.session.record(with_secrets=True).to_json())
+        return public_view(self.manager.status())
+
+    def last(self) -> dict[str, Any] | None:
+        return public_view(self.manager.last_ended())
+
+    def _notify(self, _session: Session | None = None) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    async def start(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = self.manager.request(body)
+        session = await self.manager.start(req, self._notify, owner="jupyterlab")
+        self.session = session
+        self._watcher = asyncio.ensure_future(self._forget_when_ended(session))
+        self._notify()
+        view = self.current()
+        assert view is not None
+        return view
+
+    async def _forget_when_ended(self, session: Session) -> None:
+        await session.wait()
+        if self.session is session:
+            self.session = None
+        self._notify()
+
+    async def stop(self) -> None:
+        """End the current session, whoever owns it; return once it is torn down."""
+        if self.session is not None and self.session.outcome is None:
+            self.session.request_stop("stopped from JupyterLab")
+            await self.session.wait()
+        elif self.manager.status() is not None:
+            await self.manager.stop_running()
+        else:
+            raise NoSession("no session is running on this host", "start one first")
+        self._notify()
+
+    async def shutdown(self) -> None:
+        if self.session is not None and self.session.outcome is None:
+            self.session.request_stop("the JupyterLab server stopped")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.session.wait(), 4 * self.manager.stop_timeout)
+
+    async def changes(self, poll: float = 0.25) -> Any:
+        """Yield the current view whenever it changes (ours: at once; others': polled file).
+
+        A session owned by another process rewrites its record on every change; we stat the local
+        file four times a second, which costs nothing and never touches the Slurm controller.
+        """
+        last: Any = object()
+        while True:
+            view = self.current() or self.last()
+            key = {k: v for k, v in (view or {}).items() if k != "time_left"}
+            if key != last:
+                last = key
+                yield view
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), poll)

@@ -1,0 +1,327 @@
+"""How a session's URL reaches Jupyter on the node: the tunnel strategies.
+
+- ``ForwardLink``: the supervisor holds 127.0.0.1:PORT (relay.py) in front of an ssh ControlMaster
+  from this host to the node (``-L <state>/tunnel.sock:<node's jupyter.sock>``). The master
+  connects while Jupyter starts; a lost master is rebuilt on the same port (same URL).
+- ``ReverseLink``: the launcher dials back with ``ssh -R`` from inside the job (no sshd needed on
+  the nodes) and rebuilds it itself; this side only listens to what the node says.
+- ``AutoLink``: forward, falling back to reverse once if the node refuses ssh.
+
+A link tells the session what happens by posting events (TunnelLost, TunnelUp, Failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from . import probes, process
+from .backend import JobState
+from .errors import SpunnelError, TunnelError, UsageError
+from .machine import Event, Failed, TunnelLost, TunnelUp
+from .protocol import EXITED, TUNNEL, NodeEvent, reverse_command
+from .relay import Relay
+from .settings import SessionSettings
+from .state import CONTROL_PATH, TUNNEL_SOCKET, StateDir
+from .tunnel import PortPair, Tunnel, pair_forward
+
+
+@dataclass
+class LinkContext:
+    """What a link needs of its session."""
+
+    settings: SessionSettings
+    state: StateDir
+    port: int
+    token: str
+    tunnels: list[PortPair]  # the session's extra pairs (runtime forwards change this list)
+    log: IO[bytes]
+    post: Callable[[Event], None]
+    announce: Callable[[str], None]
+    send_to_node: Callable[[bytes], None]
+
+
+class Link:
+    """The interface every strategy implements; see the module docstring."""
+
+    mode = ""
+    runtime_forwards = False  # can forward() add a pair to the running tunnel?
+
+    def __init__(self, ctx: LinkContext) -> None:
+        self.ctx = ctx
+        self.node = ""
+
+    def prepare(self) -> None:
+        """Before the job is submitted."""
+
+    def node_started(self, node: str, socket: str) -> None:
+        """The job runs on ``node``; Jupyter is starting behind ``socket``."""
+        self.node = node
+
+    async def connect(self, node: str, socket: str) -> None:
+        """Jupyter listens on ``socket``: build the tunnel until the URL answers (TunnelError)."""
+        raise NotImplementedError
+
+    def heard(self, event: NodeEvent) -> None:
+        """A node event about the tunnel (reverse mode) or the launcher's exit."""
+
+    def after_ready(self, job_id: int | None) -> None:
+        """The URL was published."""
+
+    async def forward(self, pair: PortPair, cancel: bool) -> None:
+        raise UsageError(
+            "forwards can be added at runtime in forward mode only",
+            "start the session with --tunnel SP:EP instead",
+        )
+
+    async def close(self, grace: float) -> None:
+        """Take the tunnel down and free the port (idempotent)."""
+
+    def pids(self) -> dict[str, Any]:
+        return {}
+
+    async def check_url(self) -> None:
+        """Jupyter must answer through the tunnel, with the token, before anyone sees the URL."""
+
+        async def answers() -> bool:
+            try:
+                status = await probes.http_status(
+                    "/api/status", port=self.ctx.port, timeout=5,
+                    headers={"Authorization": f"token {self.ctx.token}"},
+                )  # fmt: skip
+            except (OSError, asyncio.TimeoutError):
+                return False
+            return status == 200
+
+        if not await probes.wait_until(answers, timeout=self.ctx.settings.tunnel.connect_timeout):
+            raise TunnelError(
+                "Jupyter does not answer through the tunnel", f"see {self.ctx.log.name}"
+            )
+
+
+class ForwardLink(Link):
+    mode = "forward"
+    runtime_forwards = True
+
+    def __init__(self, ctx: LinkContext) -> None:
+        super().__init__(ctx)
+        self.socket = ""
+        self.relay: Relay | None = None
+        self.tunnel: Tunnel | None = None
+        self._tasks: list[asyncio.Future[Any]] = []
+        self._master: asyncio.Future[None] | None = None
+
+    def prepare(self) -> None:
+        # Bound before submitting: a taken port costs no job, and stays ours from here on.
+        try:
+            self.relay = Relay(self.ctx.port, str(self.ctx.state.file(TUNNEL_SOCKET)))
+        except OSError as e:
+            raise UsageError(
+                f"local port {self.ctx.port} cannot be bound on this host: {e.strerror}",
+                "pick another port, or leave --port out to get a free one",
+            ) from e
+
+    def node_started(self, node: str, socket: str) -> None:
+        # The master connects while Jupyter starts: its -L to the socket is used only once a
+        # client connects, after the node said Jupyter is listening.
+        self.node, self.socket = node, socket
+        self._master = self._spawn(self._open_master())
+
+    async def connect(self, node: str, socket: str) -> None:
+        if self._master is None or socket != self.socket:
+            self.node_started(node, socket)
+        assert self._master is not None
+        await self._master
+        await self.check_url()
+        self._spawn(self._watch())
+
+    def _spawn(self, coro: Any) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    async def _open_master(self) -> None:
+        """Start the ControlMaster with all forwards; return once ``-O check`` says it is up."""
+        assert self.relay is not None
+        forwards = [f"{self.relay.target}:{self.socket}", *map(pair_forward, self.ctx.tunnels)]
+        self.tunnel = await self.ctx.settings.tunnel.open(
+            self.node, self.ctx.state.file(CONTROL_PATH), forwards, self.ctx.log
+        )
+
+    async def _watch(self) -> None:
+        """Rebuild a lost master on the same port (capped backoff) or give up with Failed."""
+        timeout = self.ctx.settings.tunnel.reconnect_timeout
+        while self.tunnel is not None:
+            lost = f"the tunnel's ssh to {self.node} exited ({await self.tunnel.proc.wait()})"
+            if timeout <= 0:
+                self.ctx.post(Failed(TunnelError(lost, f"see {self.ctx.log.name}")))
+                return
+            self.ctx.post(TunnelLost(lost))
+            try:
+                await self._reconnect(time.monotonic() + timeout)
+            except TunnelError as e:
+                self.ctx.post(Failed(e))
+                return
+            self.ctx.post(TunnelUp())
+
+    async def _reconnect(self, deadline: float) -> None:
+        backoff = probes.Backoff()
+        while True:
+            if self.tunnel is not None:
+                await self.tunnel.close(grace=0.5)  # the dead master's socket and forwards
+            try:
+                await self._open_master()
+                await self.check_url()
+                return
+            except TunnelError as e:
+                if time.monotonic() + backoff.delay > deadline:
+                    raise TunnelError(
+                        f"the tunnel to {self.node} was lost and not re-established within "
+                        f"{self.ctx.settings.tunnel.reconnect_timeout:g} s ({e.message})",
+                        f"see {self.ctx.log.name}; start a new session",
+                    ) from e
+            await backoff.sleep()
+
+    def after_ready(self, job_id: int | None) -> None:
+        self._spawn(self._warn_if_adoption_is_ambiguous(job_id))
+
+    async def _warn_if_adoption_is_ambiguous(self, job_id: int | None) -> None:
+        """pam_slurm_adopt puts an ssh into one of the user's jobs on the node: say if it has a
+        choice (the tunnel may then be accounted to, and die with, another job)."""
+        try:
+            jobs = await self.ctx.settings.slurm.my_jobs(node=self.node)
+        except SpunnelError:
+            return
+        others = [j for j, _, state in jobs if j != job_id and state is JobState.RUNNING]
+        if others:
+            self.ctx.announce(
+                f"you have other jobs on {self.node} ({', '.join(map(str, others))}): on sites "
+                "with pam_slurm_adopt the tunnel may be adopted into one of them and end with it"
+            )
+
+    async def forward(self, pair: PortPair, cancel: bool) -> None:
+        assert self.tunnel is not None
+        await self.tunnel.forward(pair_forward(pair), cancel=cancel)
+
+    async def close(self, grace: float) -> None:
+        for task in self._tasks:
+            task.cancel()
+        try:
+            if self.tunnel is not None:
+                await self.tunnel.close(grace=grace)
+        finally:
+            if self.relay is not None:
+                self.relay.close()
+                self.relay = None
+
+    def pids(self) -> dict[str, Any]:
+        if self.tunnel is None:
+            return {}
+        pid = self.tunnel.proc.pid
+        return {"ssh_pid": pid, "ssh_start": process.start_time(pid)}
+
+
+class ReverseLink(Link):
+    mode = "reverse"
+
+    def __init__(self, ctx: LinkContext) -> None:
+        super().__init__(ctx)
+        self._up = asyncio.Event()
+        self._gave_up = asyncio.Event()
+        self._said = ""  # the node's last word on the tunnel
+
+    async def connect(self, node: str, socket: str) -> None:
+        """Ask the launcher to dial back; return once Jupyter answers here."""
+        self.node = node
+        ssh = self.ctx.settings.tunnel
+        self.ctx.send_to_node(reverse_command(ssh.reverse_plan(self.ctx.port, self.ctx.tunnels)))
+        up = asyncio.ensure_future(self._up.wait())
+        gave_up = asyncio.ensure_future(self._gave_up.wait())
+        try:
+            await asyncio.wait(
+                {up, gave_up}, timeout=ssh.connect_timeout + ssh.reconnect_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+        finally:
+            up.cancel()
+            gave_up.cancel()
+        if not self._up.is_set():
+            raise TunnelError(
+                f"the node could not dial back to {ssh.reverse_host}: {self._said or 'no answer'}",
+                "check that the nodes can `ssh` to this host (c.SshTunnel.reverse_host)",
+            )
+        await self.check_url()
+
+    def heard(self, event: NodeEvent) -> None:
+        if event.kind == EXITED:
+            self._said = event.get("message") or self._said
+            self._gave_up.set()
+        elif event.kind == TUNNEL and event.get("state") == "up":
+            if self._up.is_set():
+                self.ctx.post(TunnelUp("the node re-established the reverse tunnel"))
+            self._up.set()
+        elif event.kind == TUNNEL and event.get("state") == "lost":
+            self._said = event.get("message", "")
+            if self._up.is_set():
+                self.ctx.post(TunnelLost(f"the reverse tunnel from {self.node} was lost"))
+
+
+class AutoLink(Link):
+    """Forward, falling back to reverse once if ssh to the node fails."""
+
+    def __init__(self, ctx: LinkContext) -> None:
+        super().__init__(ctx)
+        self.first = ForwardLink(ctx)
+        self.fallback = ReverseLink(ctx)
+        self.active: Link = self.first
+
+    @property
+    def mode(self) -> str:  # type: ignore[override]
+        return self.active.mode
+
+    @property
+    def runtime_forwards(self) -> bool:  # type: ignore[override]
+        return self.active.runtime_forwards
+
+    def prepare(self) -> None:
+        self.first.prepare()
+
+    def node_started(self, node: str, socket: str) -> None:
+        self.first.node_started(node, socket)
+
+    async def connect(self, node: str, socket: str) -> None:
+        try:
+            await self.first.connect(node, socket)
+        except TunnelError as e:
+            await self.first.close(grace=0.5)  # the login host's sshd binds the port in reverse
+            self.active = self.fallback
+            self.ctx.announce(
+                f"{e.message}; falling back to reverse mode "
+                f"(the node dials back to {self.ctx.settings.tunnel.reverse_host})"
+            )
+            await self.fallback.connect(node, socket)
+
+    def heard(self, event: NodeEvent) -> None:
+        self.fallback.heard(event)
+
+    def after_ready(self, job_id: int | None) -> None:
+        self.active.after_ready(job_id)
+
+    async def forward(self, pair: PortPair, cancel: bool) -> None:
+        await self.active.forward(pair, cancel)
+
+    async def close(self, grace: float) -> None:
+        await self.first.close(grace)
+
+    def pids(self) -> dict[str, Any]:
+        return self.active.pids()
+
+
+LINKS: dict[str, type[Link]] = {"forward": ForwardLink, "reverse": ReverseLink, "auto": AutoLink}
+
+
+def make_link(mode: str, ctx: LinkContext) -> Link:
+    return LINKS[mode](ctx)

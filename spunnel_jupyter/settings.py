@@ -1,0 +1,30 @@
+"""The frozen settings a session runs with, taken from the site configuration once at its start.
+
+A session never reads the manager: it gets this object (and the Slurm backend and ssh settings it
+names), so changing the configuration of a running server cannot change a running session.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .backend import SlurmBackend
+from .tunnel import SshTunnel
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    slurm: SlurmBackend
+    tunnel: SshTunnel
+    log: logging.Logger | logging.LoggerAdapter  # type: ignore[type-arg]
+    launcher_command: tuple[str, ...]
+    runtime_base: str
+    jupyter_command: tuple[str, ...]
+    jupyter_args: tuple[str, ...]
+    start_timeout: float
+    stop_timeout: float
+    jupyter_stop_grace: float
+    pending_poll_interval: float
+    refresh_interval: float
+    logs_kept: int
