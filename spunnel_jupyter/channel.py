@@ -135,7 +135,13 @@ class NodeChannel:
             raise slurm.classify_error(said)
         if reason == "tunnel-error":
             raise TunnelError(str(exit_.get("message")), where)
-        if reason in ("error", "version"):
+        if reason == "version":
+            raise JupyterError(
+                str(exit_.get("message")),
+                "install the same spunnel-jupyter version on this host and in the nodes' Python "
+                "(c.SpunnelManager.launcher_command)",
+            )
+        if reason == "error":
             raise JupyterError(
                 f"Jupyter failed on {node or 'the node'}: {exit_.get('message')}", where
             )

@@ -89,17 +89,23 @@ class SessionHandler(SpunnelHandler):
 
 
 class EventsHandler(SpunnelHandler):
+    _gone = False
+
+    def on_connection_close(self) -> None:
+        self._gone = True  # the browser went away: stop watching at the next poll
+
     @web.authenticated
     async def get(self) -> None:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
+        keepalive = self.settings.get("spunnel_keepalive", KEEPALIVE)
         try:
-            async for view in self.hub.changes():
-                self.write(f"data: {json.dumps(view)}\n\n")
+            async for changed, view in self.hub.changes(lambda: self._gone, keepalive=keepalive):
+                self.write(f"data: {json.dumps(view)}\n\n" if changed else ": keepalive\n\n")
                 await self.flush()
         except StreamClosedError:
-            pass  # the browser went away
+            pass  # the browser went away while we wrote
 
 
 def handlers() -> list[tuple[str, type]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .errors import NoSession
@@ -73,18 +75,25 @@ class SessionHub:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.session.wait(), 4 * self.manager.stop_timeout)
 
-    async def changes(self, poll: float = 0.25) -> Any:
-        """Yield the current view whenever it changes (ours: at once; others': polled file).
+    async def changes(
+        self, gone: Callable[[], bool], poll: float = 0.25, keepalive: float = 15.0
+    ) -> AsyncIterator[tuple[bool, dict[str, Any] | None]]:
+        """``(True, view)`` whenever the view changes (ours: at once; others': polled file), and
+        ``(False, None)`` after ``keepalive`` seconds without one; ends once ``gone()``.
 
-        A session owned by another process rewrites its record on every change; we stat the local
-        file four times a second, which costs nothing and never touches the Slurm controller.
+        A session owned by another process rewrites its record on every change; we read the local
+        file four times a second, which costs little and never touches the Slurm controller.
         """
         last: Any = object()
-        while True:
+        quiet_since = time.monotonic()
+        while not gone():
             view = self.current() or self.last()
             key = {k: v for k, v in (view or {}).items() if k != "time_left"}
             if key != last:
-                last = key
-                yield view
+                last, quiet_since = key, time.monotonic()
+                yield True, view
+            elif time.monotonic() - quiet_since >= keepalive:
+                quiet_since = time.monotonic()
+                yield False, None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), poll)

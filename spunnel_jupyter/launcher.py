@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import probes, process
-from .protocol import LauncherSettings, NodeEvent, ProtocolError, ui_path
+from .protocol import LauncherSettings, NodeEvent, ProtocolError, VersionMismatch, ui_path
 
 _PR_SET_CHILD_SUBREAPER = 36
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
@@ -322,8 +322,11 @@ async def amain() -> int:
     except asyncio.TimeoutError:
         emit("exited", reason="error", message="no settings on stdin: run me through spunnel")
         return 2
-    except ProtocolError as e:
+    except VersionMismatch as e:
         emit("exited", reason="version", message=str(e))
+        return 2
+    except ProtocolError as e:
+        emit("exited", reason="error", message=str(e))
         return 2
     return await Launcher(settings, stdin).run()
 

@@ -92,13 +92,14 @@ class SpunnelManager(LoggingConfigurable):
     pending_poll_interval = Float(
         2.0,
         config=True,
-        help="""Seconds between squeue calls while the job is pending (for Slurm's reason).
+        help="""Seconds between job queries (scontrol) while the job is pending (for Slurm's
+        reason).
         The start itself is reported by srun at once; this only refreshes the reason.""",
     )
     refresh_interval = Float(
         60.0,
         config=True,
-        help="Seconds between squeue calls while the session runs (for the time remaining).",
+        help="Seconds between job queries (scontrol) while the session runs (for the time left).",
     )
     login_host = Unicode(
         config=True,

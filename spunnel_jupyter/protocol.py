@@ -44,6 +44,10 @@ class ProtocolError(ValueError):
     """A line that is not what the protocol says it should be."""
 
 
+class VersionMismatch(ProtocolError):
+    """The other side speaks another version of this protocol."""
+
+
 # -- settings: login side -> launcher ------------------------------------------------------------
 @dataclass(frozen=True)
 class LauncherSettings:
@@ -68,9 +72,9 @@ class LauncherSettings:
         except (ValueError, AttributeError) as e:
             raise ProtocolError("no settings on stdin: run me through spunnel-notebook") from e
         if version != VERSION:
-            raise ProtocolError(
-                f"the login host speaks spunnel protocol {version}, this launcher {VERSION}: "
-                "install the same spunnel-jupyter version on the login host and the nodes"
+            raise VersionMismatch(
+                f"the login host speaks spunnel protocol {version}, the launcher on the node "
+                f"{VERSION}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
         try:

@@ -338,7 +338,7 @@ class Session:
             async def gone() -> bool:
                 return not await s.slurm.in_queue(job_id)
 
-            # squeue answers in ~5 ms: poll tightly, the user is waiting (bounded by stop_timeout)
+            # scontrol answers in ~5 ms: poll tightly, the user is waiting (bounded by stop_timeout)
             if not await probes.wait_until(gone, timeout=s.stop_timeout, first=0.02, cap=0.05):
                 await s.slurm.cancel(job_id)
                 raise SpunnelError(f"job {job_id} is still in the queue after teardown")

@@ -173,7 +173,7 @@ class SshTunnel(LoggingConfigurable):
     def reverse_plan(self, port: int, pairs: Sequence[PortPair]) -> dict[str, object]:
         """What the launcher needs to dial back: argvs with ``{socket}``/``{ctl}`` to fill in."""
         forwards = [f"127.0.0.1:{port}:{{socket}}"]
-        forwards += [f"127.0.0.1:{p.local}:localhost:{p.remote}" for p in pairs]
+        forwards += [pair_forward(p) for p in pairs]
         host = self.reverse_host
         return {
             "argv": self.argv(host, "{ctl}", forwards, flag="-R"),
@@ -191,7 +191,7 @@ class SshTunnel(LoggingConfigurable):
         A pam_slurm_adopt refusal right after the job started is retried with short backoff.
         """
         deadline = time.monotonic() + self.adopt_retry_timeout
-        delay = 0.2
+        backoff = probes.Backoff(first=0.2)
         while True:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(control_path)  # a leftover socket would make -M fail
@@ -211,11 +211,10 @@ class SshTunnel(LoggingConfigurable):
                 raise
             except TunnelError:
                 adopting = "pam_slurm_adopt" in " ".join(tunnel.said)
-                if not adopting or time.monotonic() + delay > deadline:
+                if not adopting or time.monotonic() + backoff.delay > deadline:
                     raise
             log.write(b"spunnel: pam_slurm_adopt refused ssh (job just started?); retrying\n")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await backoff.sleep()
 
 
 class Tunnel:
@@ -242,10 +241,6 @@ class Tunnel:
         async for raw in self.proc.stderr:
             self.log.write(raw)
             self.said.append(raw.decode(errors="replace").strip())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     async def check(self) -> bool:
         if not self.control_path.exists():

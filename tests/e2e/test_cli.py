@@ -65,11 +65,16 @@ def test_kernel_runs_inside_the_job_on_c1_and_token_stays_secret():
         assert state_dir("alice").stat().st_mode & 0o777 == 0o700
         assert (state_dir("alice") / "session.json").stat().st_mode & 0o777 == 0o600
         assert (state_dir("alice") / "control.sock").stat().st_mode & 0o777 == 0o600
-        runtime = Path(s.record["log"]).parent  # state dir; the node's dir is in the log
-        assert runtime.exists()
+        # The node's private runtime directory (named in the launcher's "started" event) is 0700
+        # while the session runs, and gone after it.
+        log = (state_dir("alice") / "session.log").read_text()
+        started = next(line for line in log.splitlines() if '"event": "started"' in line)
+        runtime = Path(json.loads(started.partition(" ")[2])["runtime_dir"])
+        assert runtime.stat().st_mode & 0o777 == 0o700
         s.signal(signal.SIGINT)
         elapsed, left = wait_clean("alice", timeout=10)
         assert not left, left
+        assert not runtime.exists()
         assert elapsed <= TEARDOWN_LIMIT
         assert s.finish() == 130
         assert "interrupted with Ctrl-C" in s.output
