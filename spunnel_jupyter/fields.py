@@ -122,10 +122,10 @@ def build_request(options: Mapping[str, Any], defaults: Mapping[str, Any],
     values: dict[str, Any] = {}
     for f in FIELDS:
         value = options.get(f.name)
-        if value in (None, ""):
-            value = defaults.get(f.name) if f.site_default else None
-        if value in (None, "", 0) and f.kind is int and f.site_default:
-            value = None  # a site default of 0 means "Slurm's default"
+        if value in (None, "") and f.site_default:
+            value = defaults.get(f.name)
+            if f.kind is int and value == 0:
+                value = None  # a site default of 0 means "Slurm's default"
         if value in (None, ""):
             value = f.default
         if value not in (None, ""):
