@@ -9,30 +9,7 @@ import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 import { IDisposable } from '@lumino/disposable';
 
-export interface IDefaults {
-  partition: string;
-  mem: string;
-  time: string;
-  cpus_per_task: number;
-  gpus: string;
-  ui: 'lab' | 'notebook';
-}
-
-export interface IPartition {
-  name: string;
-  default: boolean;
-  available: boolean;
-  /** The partition's time limit in seconds; null when unlimited. */
-  max_time: number | null;
-  max_mem_mb: number;
-  max_cpus: number;
-  nodes: number;
-}
-
-export interface IConfig {
-  defaults: IDefaults;
-  partitions: IPartition[];
-}
+import { IConfig, StartRequest } from './logic';
 
 export type Phase = 'pending' | 'starting' | 'ready' | 'ending' | 'ended';
 
@@ -50,18 +27,6 @@ export interface ISnapshot {
   owner: 'cli' | 'jupyterlab';
   tunnels: string[];
   port: number;
-}
-
-/** What POST spunnel/api/session accepts; every field is optional, empty ones are not sent. */
-export interface IStartRequest {
-  partition?: string;
-  mem?: string;
-  time?: string;
-  cpus_per_task?: number;
-  gpus?: string;
-  gres?: string;
-  account?: string;
-  tunnels?: string;
 }
 
 /** An error answer of the API: the server's message and what to do about it. */
@@ -105,7 +70,7 @@ export class SpunnelAPI {
     }
   }
 
-  async start(req: IStartRequest): Promise<ISnapshot> {
+  async start(req: StartRequest): Promise<ISnapshot> {
     return (await this.request('session', {
       method: 'POST',
       body: JSON.stringify(req)
@@ -169,16 +134,17 @@ export class SpunnelAPI {
       this.clockOffset = date + 500 - Date.now();
     }
     const text = await response.text();
-    let data: any = null;
+    let data: unknown = null;
     try {
       data = text ? JSON.parse(text) : null;
     } catch {
       // not JSON (a proxy's error page, say): reported below with the status
     }
     if (!response.ok) {
+      const error = (data ?? {}) as { message?: string; remedy?: string };
       throw new SpunnelError(
-        data?.message ?? `${response.status} ${response.statusText}`,
-        data?.remedy ?? '',
+        error.message ?? `${response.status} ${response.statusText}`,
+        error.remedy ?? '',
         response.status
       );
     }

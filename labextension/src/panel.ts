@@ -7,16 +7,12 @@
 import { IDisposable } from '@lumino/disposable';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
+import { createElement } from 'react';
+import { createRoot } from 'react-dom/client';
 
-import {
-  IConfig,
-  IPartition,
-  ISnapshot,
-  IStartRequest,
-  Phase,
-  SpunnelAPI,
-  SpunnelError
-} from './api';
+import { ISnapshot, Phase, SpunnelAPI, SpunnelError } from './api';
+import { StartForm } from './form';
+import { duration, IConfig, StartRequest } from './logic';
 
 const PHASE_LABELS: Record<Phase, string> = {
   pending: 'Waiting for Slurm to allocate a node',
@@ -25,16 +21,6 @@ const PHASE_LABELS: Record<Phase, string> = {
   ending: 'Stopping',
   ended: 'Ended'
 };
-
-/** Form fields: request key, label, input type, placeholder (shown when the site sets no default). */
-const FIELDS: [keyof IStartRequest, string, string, string][] = [
-  ['mem', 'Memory (MB, or with a unit: 4G)', 'text', "Slurm's default"],
-  ['time', 'Time limit', 'text', "the partition's default, e.g. 2:00:00"],
-  ['cpus_per_task', 'CPUs', 'number', "Slurm's default"],
-  ['gpus', 'GPUs (optional)', 'text', 'e.g. 1 or a100:1'],
-  ['account', 'Account (optional)', 'text', 'your default account'],
-  ['tunnels', 'Extra tunnels (optional)', 'text', 'login:node ports, e.g. 8001:8000']
-];
 
 export class SpunnelPanel extends Widget {
   constructor(private readonly api: SpunnelAPI) {
@@ -52,6 +38,7 @@ export class SpunnelPanel extends Widget {
       this.form,
       this.status
     );
+    this.renderForm();
   }
 
   dispose(): void {
@@ -60,6 +47,7 @@ export class SpunnelPanel extends Widget {
     }
     this.stream?.dispose();
     window.clearInterval(this.ticker);
+    this.formRoot.unmount();
     super.dispose();
   }
 
@@ -104,75 +92,25 @@ export class SpunnelPanel extends Widget {
   private async load(): Promise<void> {
     try {
       const [config, session] = await Promise.all([this.api.config(), this.api.session()]);
-      this.buildForm(config);
+      this.config = config;
       this.fail(null);
+      this.render();
       // The stream may already have said more recent things than this answer.
       if (this.snapshot === undefined) {
         this.display(session);
       }
     } catch (e) {
-      this.form.replaceChildren();
+      this.config = null;
+      this.render();
       this.fail(e, () => void this.load());
     }
   }
 
-  private buildForm(config: IConfig): void {
-    const { defaults, partitions } = config;
-    const select = el('select', { name: 'partition', 'data-testid': 'spunnel-partition' });
-    // An empty site default means Slurm's default partition.
-    const preferred = defaults.partition || partitions.find(p => p.default)?.name;
-    for (const p of partitions) {
-      const option = el('option', { value: p.name }, partitionLabel(p));
-      option.disabled = !p.available;
-      option.selected = p.name === preferred;
-      select.append(option);
-    }
-    const values: Record<string, string> = {
-      mem: defaults.mem,
-      time: defaults.time,
-      cpus_per_task: defaults.cpus_per_task ? String(defaults.cpus_per_task) : '',
-      gpus: defaults.gpus
-    };
-    this.form.replaceChildren(
-      field('Partition', select),
-      ...FIELDS.map(([name, label, type, placeholder]) => {
-        const input = el('input', {
-          name,
-          type,
-          placeholder,
-          'data-testid': `spunnel-${name.replace(/_.*/, '')}`
-        });
-        input.value = values[name] ?? '';
-        if (type === 'number') {
-          input.min = '1';
-        }
-        return field(label, input);
-      }),
-      el(
-        'button',
-        { type: 'submit', class: 'jp-mod-styled jp-mod-accept', 'data-testid': 'spunnel-start' },
-        'Start'
-      )
-    );
-    this.form.onsubmit = event => {
-      event.preventDefault();
-      void this.start();
-    };
-    this.render();
-  }
-
-  private async start(): Promise<void> {
-    const req: Record<string, string | number> = {};
-    for (const [name, value] of new FormData(this.form)) {
-      const text = String(value).trim();
-      if (text) {
-        req[name] = name === 'cpus_per_task' ? Number(text) : text;
-      }
-    }
+  private async start(req: StartRequest): Promise<void> {
     this.busy = true;
     this.render();
     try {
-      const snapshot = await this.api.start(req as IStartRequest);
+      const snapshot = await this.api.start(req);
       this.fail(null);
       this.display(snapshot);
     } catch (e) {
@@ -233,11 +171,7 @@ export class SpunnelPanel extends Widget {
     const live = s !== null && s.phase !== 'ended';
     this.form.hidden = live;
     this.status.hidden = !live;
-    const start = this.form.querySelector('button');
-    if (start) {
-      start.disabled = this.busy;
-      start.textContent = this.busy ? 'Submitting…' : 'Start';
-    }
+    this.renderForm();
     this.notice.hidden = !(s?.phase === 'ended');
     this.notice.textContent =
       s?.phase === 'ended' ? `The last session ended: ${s.ended_reason || 'no reason given'}.` : '';
@@ -305,6 +239,24 @@ export class SpunnelPanel extends Widget {
     this.tick();
   }
 
+  /** The form, once the config is loaded (rendered from its schema); "Loading…" until then. */
+  private renderForm(): void {
+    const config = this.config;
+    if (config === undefined) {
+      this.formRoot.render('Loading…');
+    } else if (config === null) {
+      this.formRoot.render(null);
+    } else {
+      this.formRoot.render(
+        createElement(StartForm, {
+          config,
+          busy: this.busy,
+          onStart: req => void this.start(req)
+        })
+      );
+    }
+  }
+
   /** Update the clocks: time since submission while waiting, time left while ready. */
   private tick(): void {
     const s = this.snapshot;
@@ -333,11 +285,13 @@ export class SpunnelPanel extends Widget {
     'data-testid': 'spunnel-notice',
     hidden: ''
   });
-  private readonly form = el(
-    'form',
-    { class: 'jp-SpunnelPanel-form', 'data-testid': 'spunnel-form' },
-    'Loading…'
-  );
+  private readonly form = el('div', {
+    class: 'jp-SpunnelPanel-form',
+    'data-testid': 'spunnel-form'
+  });
+  private readonly formRoot = createRoot(this.form);
+  /** undefined until loaded; null: loading failed. */
+  private config: IConfig | null | undefined = undefined;
   private readonly status = el('section', { class: 'jp-SpunnelPanel-status', hidden: '' });
   /** undefined until the server said anything; null: no session. */
   private snapshot: ISnapshot | null | undefined = undefined;
@@ -357,30 +311,4 @@ function el<K extends keyof HTMLElementTagNameMap>(
   }
   node.append(...children);
   return node;
-}
-
-function field(label: string, input: HTMLElement): HTMLLabelElement {
-  return el('label', { class: 'jp-SpunnelPanel-field' }, el('span', {}, label), input);
-}
-
-/** "interact (default): up to 8:00:00, 8000 MB, 16 CPUs, 1 node". */
-function partitionLabel(p: IPartition): string {
-  const limit = p.max_time === null ? 'no time limit' : `up to ${duration(p.max_time)}`;
-  const nodes = `${p.nodes} node${p.nodes === 1 ? '' : 's'}`;
-  const state = p.available ? '' : ' (unavailable)';
-  return `${p.name}${p.default ? ' (default)' : ''}${state}: ${limit}, ${p.max_mem_mb} MB, ${p.max_cpus} CPUs, ${nodes}`;
-}
-
-/** Seconds as Slurm writes durations: M:SS, H:MM:SS or D-HH:MM:SS. */
-export function duration(seconds: number): string {
-  const t = Math.max(0, Math.floor(seconds));
-  const s = t % 60;
-  const m = Math.floor(t / 60) % 60;
-  const h = Math.floor(t / 3600) % 24;
-  const d = Math.floor(t / 86400);
-  const pad = (n: number) => String(n).padStart(2, '0');
-  if (d) {
-    return `${d}-${pad(h)}:${pad(m)}:${pad(s)}`;
-  }
-  return h ? `${h}:${pad(m)}:${pad(s)}` : `${m}:${pad(s)}`;
 }
