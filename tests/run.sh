@@ -10,4 +10,7 @@ venv=/opt/spunnel/venv/bin
 "$venv/ruff" check --no-cache .
 "$venv/ruff" format --no-cache --check .
 "$venv/mypy" --no-incremental spunnel_jupyter
+# The JupyterLab extension: eslint, prettier and tsc, then its unit tests (npm ci if node_modules is stale).
+[[ labextension/node_modules/.package-lock.json -nt labextension/package-lock.json ]] || (cd labextension && npm ci)
+(cd labextension && npm run --silent lint && npm test --silent)
 exec "$venv/python" -m pytest -p no:cacheprovider "$@"
