@@ -1,0 +1,1 @@
+"""Fake Slurm, ssh and Jupyter executables for the cluster-free tests (see fakebin.py)."""

@@ -1,0 +1,153 @@
+"""Fake Jupyter server: what the launcher needs of ``jupyter_server``, in the standard library.
+
+    fake_jupyter.py --ServerApp.sock=PATH --ServerApp.sock_mode=0600 ... [--Fake.mode=MODE]
+
+Serves HTTP on the Unix socket PATH. The token comes from $JUPYTER_TOKEN (as the launcher passes
+it); ``Authorization: token T`` or ``?token=T`` authenticates.
+
+    GET  /api/status         200 with the token, else 403
+    GET  /lab, /tree         200 with the token, else 403
+    POST /api/shutdown       200, then exit 0 (what File > Shut Down does)
+    POST /fake/crash?code=K  200, then exit K at once (a crash after ready)
+    GET  /fake/echo          200, the request's headers as JSON
+
+Modes (--Fake.mode):
+  serve (default)  as above
+  silent           never listens (the launcher's start_timeout must end it)
+  hang             listens, accepts, never answers
+  exit             exits with --Fake.code (default 1) after --Fake.delay seconds, before ready
+SIGTERM: exits 0 after --Fake.stop_delay seconds (default 0.3; real Jupyter takes a moment too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import log_call, log_event
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    token = ""
+    why = "stopped"
+    exiting: threading.Event
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def _authorized(self) -> bool:
+        token = self.server.token
+        query = parse_qs(urlparse(self.path).query)
+        return bool(token) and (
+            self.headers.get("Authorization") == f"token {token}" or query.get("token") == [token]
+        )
+
+    def _answer(self, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def do_GET(self) -> None:
+        route = urlparse(self.path).path
+        if route not in ("/api/status", "/lab", "/tree", "/fake/echo"):
+            self._answer(404, {"message": "Not Found"})
+        elif not self._authorized():
+            self._answer(403, {"message": "Forbidden"})
+        elif route == "/fake/echo":
+            self._answer(200, dict(self.headers.items()))
+        else:
+            self._answer(200, {"started": "fake", "connections": 0, "kernels": 0})
+
+    def do_POST(self) -> None:
+        url = urlparse(self.path)
+        if url.path not in ("/api/shutdown", "/fake/crash"):
+            self._answer(404, {"message": "Not Found"})
+            return
+        if not self._authorized():
+            self._answer(403, {"message": "Forbidden"})
+            return
+        self._answer(200, {"message": "bye"})
+        if url.path == "/fake/crash":
+            code = int(parse_qs(url.query).get("code", ["1"])[0])
+            log_event("jupyter", "exit", code=code, why="crash")
+            os._exit(code)
+        self.server.why = "shutdown"
+        self.server.exiting.set()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stdout.write("[I fake-jupyter] " + (format % args) + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    log_call("jupyter", argv)
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    mode = opts.get("Fake.mode", "serve")
+    sock = opts["ServerApp.sock"]
+    token = os.environ.get("JUPYTER_TOKEN", "")
+    if mode == "exit":
+        time.sleep(float(opts.get("Fake.delay", "0")))
+        code = int(opts.get("Fake.code", "1"))
+        print(f"[C fake-jupyter] exiting with code {code} before it was ready", flush=True)
+        log_event("jupyter", "exit", code=code, why="mode exit")
+        return code
+    exiting = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: exiting.set())
+    if mode == "silent":
+        exiting.wait()
+        return 0
+    if mode == "hang":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(sock)
+        listener.listen(16)
+
+        def accept_and_hold() -> None:
+            held = []
+            while True:
+                held.append(listener.accept()[0])
+
+        threading.Thread(target=accept_and_hold, daemon=True).start()
+        exiting.wait()
+        return 0
+    server = Server(sock, Handler)
+    server.token = token
+    server.exiting = exiting
+    os.chmod(sock, int(opts.get("ServerApp.sock_mode", "0600"), 8))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Real Jupyter prints its URL with the token: the launcher must mask it.
+    print(f"[I fake-jupyter] Jupyter Server is running at: http+unix://{sock}/lab?token={token}",
+          flush=True)  # fmt: skip
+    log_event("jupyter", "listening", sock=sock)
+    while not exiting.wait(0.5):
+        pass
+    time.sleep(float(opts.get("Fake.stop_delay", "0.3")))
+    server.shutdown()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
+    print("[I fake-jupyter] Shutting down", flush=True)
+    log_event("jupyter", "exit", code=0, why=server.why)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
