@@ -158,7 +158,7 @@ def test_every_phase_in_order_the_url_answers_and_teardown_is_ordered(fake):
     # The token reached the node but never a log: the launcher masked Jupyter's own URL line.
     last = m.last_ended()
     assert last["phase"] == "ended" and last["ended_reason"] == "stopped by the test"
-    assert "token" not in last or not last["token"]
+    assert not last.get("token") and not last.get("url")  # last.json holds no secret
     session_log = open(last["log"]).read()
     assert token_of(s.url) not in session_log
     assert "lab?token=<token>" in session_log
@@ -269,6 +269,18 @@ def test_an_unknown_partition_is_refused_before_submitting(fake):
         run(start(m, partition="debug", time="2:00:00"))
     assert [c["prog"] for c in fake.calls()] == ["sinfo", "sinfo"]  # nothing submitted
     assert m.status() is None and fake.lock_free()
+
+
+def test_a_taken_port_is_refused_before_submitting(fake):
+    m = SpunnelManager(config=fake.config())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"local port {port}") as err:
+            run(start(m, port=port))
+    assert err.value.exit_code == ExitCode.USAGE
+    assert fake.calls("srun") == [] and m.status() is None and fake.lock_free()
 
 
 def test_slurm_refusing_the_job_is_a_usage_error_with_nothing_left(fake):
@@ -502,6 +514,25 @@ def test_a_killed_master_is_rebuilt_on_the_same_url_then_lost_for_good(fake):
     assert took < 1.0 + 3.0  # reconnect_timeout, then teardown
     assert watch.phases == ["pending", "starting", "ready", "ending", "ended"]
     assert len(fake.ssh_calls("master")) >= 3
+    fake.assert_clean(m)
+
+
+def test_pam_slurm_adopt_refusing_the_first_masters_is_retried(fake):
+    fake.switch("ssh_refuse_forward", "Access denied by pam_slurm_adopt: you have no active jobs")
+    fake.switch("ssh_refuse_forward_count", "2")
+    m = SpunnelManager(config=fake.config(SshTunnel={"adopt_retry_timeout": 5.0}))
+
+    async def scenario():
+        s = await start(m)
+        await ready(s)
+        await answers(s.url)
+        s.request_stop("done")
+        await s.wait()
+
+    run(scenario())
+    assert len(fake.events("refused", prog="ssh")) == 2
+    assert len(fake.ssh_calls("master")) == 3
+    assert open(m.last_ended()["log"]).read().count("pam_slurm_adopt refused ssh") == 2
     fake.assert_clean(m)
 
 
