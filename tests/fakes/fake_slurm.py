@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -157,13 +158,21 @@ class Srun:
             SLURMD_NODENAME=node, SLURM_JOB_PARTITION=read_job(n)["partition"],  # type: ignore[index]
         )  # fmt: skip
         try:
-            # Like slurmstepd: the task is not in srun's process group; its stdio is srun's.
-            self.task = subprocess.Popen(self.command, env=env, start_new_session=True)
+            # Like slurmstepd: the task is in no process group of srun's, and srun relays its
+            # stdio (the task holds no descriptor of srun's: if srun dies, its pipes close).
+            self.task = subprocess.Popen(
+                self.command, env=env, start_new_session=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
         except OSError as e:
             eprint(f"slurmstepd: error: execve(): {self.command[0]}: {e.strerror}")
             eprint(f"srun: error: {node}: task 0: Exited with exit code 2")
             update_job(n, only_if=("RUNNING",), state="FAILED", end_time=time.time())
             return 2
+        assert self.task.stdin and self.task.stdout and self.task.stderr
+        _relay(0, self.task.stdin.fileno(), close=True)
+        out = _relay(self.task.stdout.fileno(), 1)
+        err = _relay(self.task.stderr.fileno(), 2)
         update_job(n, task_pid=self.task.pid)
         log_event("srun", "task", job=n, task_pid=self.task.pid)
         for signum in self.signals:  # arrived while the task was being started
@@ -190,6 +199,8 @@ class Srun:
                 kill_at = float("inf")
             time.sleep(0.02)
         code = self.task.returncode
+        for relay in (out, err):  # the task's last words before srun's own
+            relay.join(timeout=2)
         if code < 0:
             names = {signal.SIGKILL: "Killed", signal.SIGTERM: "Terminated"}
             what = names.get(-code, signal.Signals(-code).name)
@@ -214,6 +225,25 @@ class Srun:
             except ProcessLookupError:
                 pass
         return time.time() + float(flag("kill_wait") or 2)
+
+
+def _relay(src: int, dst: int, close: bool = False) -> threading.Thread:
+    """Copy ``src`` to ``dst`` until EOF, on a thread (srun's I/O forwarding)."""
+
+    def copy() -> None:
+        try:
+            while data := os.read(src, 65536):
+                while data:
+                    data = data[os.write(dst, data) :]
+        except OSError:
+            pass  # the other side went away
+        finally:
+            if close:
+                os.close(dst)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 def srun(argv: list[str]) -> int:

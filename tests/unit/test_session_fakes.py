@@ -396,6 +396,36 @@ def test_time_limit_told_by_slurmstepd_when_the_controller_is_away(fake):
     fake.assert_clean(m)
 
 
+def kill_srun_when_ready(m: SpunnelManager) -> Any:
+    async def scenario():
+        s = await start(m)
+        await ready(s)
+        os.kill(m.status()["srun_pid"], signal.SIGKILL)  # e.g. the login node's OOM killer
+        return s, await s.wait()
+
+    return run(scenario())
+
+
+def test_srun_killed_while_the_job_runs_the_job_is_cancelled(fake):
+    m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
+    s, _ = kill_srun_when_ready(m)
+    (scancel,) = fake.calls("scancel")  # srun cannot end the step any more: scancel must
+    assert scancel["argv"] == [str(s.job_id)]
+    assert fake.job(s.job_id)["state"] == "CANCELLED"
+    fake.assert_clean(m)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="srun killed while its job still runs ends with exit 0 and 'job N ended (RUNNING; "
+    "srun exit -9)' (channel.why_ended: a RUNNING job is not an ending)",
+)
+def test_srun_killed_while_the_job_runs_is_not_reported_as_the_job_ending(fake):
+    m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
+    _, outcome = kill_srun_when_ready(m)
+    assert outcome.exit_code != ExitCode.OK and "RUNNING" not in outcome.reason
+
+
 # -- Jupyter ends or never starts ---------------------------------------------------------------
 def test_jupyter_shut_down_from_its_menu(fake):
     m = SpunnelManager(config=fake.config())
