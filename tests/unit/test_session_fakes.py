@@ -605,12 +605,13 @@ def test_forward_mode_does_not_fall_back(fake):
     fake.assert_clean(m)
 
 
-def test_reverse_mode_dials_back_and_the_node_rebuilds_a_lost_tunnel(fake):
+def test_reverse_mode_dials_back_and_the_node_rebuilds_a_lost_tunnel_notebook_ui(fake):
     m = SpunnelManager(config=fake.config())
 
     async def scenario():
-        s = await start(m, tunnel_mode="reverse")
+        s = await start(m, tunnel_mode="reverse", ui="notebook")
         await ready(s)
+        assert urlparse(s.url).path == "/tree"
         await answers(s.url)
         (master,) = fake.ssh_calls("master")
         os.kill(master["pid"], signal.SIGKILL)
@@ -623,6 +624,7 @@ def test_reverse_mode_dials_back_and_the_node_rebuilds_a_lost_tunnel(fake):
     s, outcome = run(scenario())
     assert outcome.reason == "done"
     assert all("-R" in c["argv"] and "-L" not in c["argv"] for c in fake.ssh_calls("master"))
+    assert "--ServerApp.default_url=/tree" in fake.calls("jupyter")[0]["argv"]
     assert any("reverse tunnel" in n and "lost" in n for n in s.notes)
     fake.assert_clean(m)
 
