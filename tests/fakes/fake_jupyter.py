@@ -111,10 +111,18 @@ def main(argv: list[str]) -> int:
         print(f"[C fake-jupyter] exiting with code {code} before it was ready", flush=True)
         log_event("jupyter", "exit", code=code, why="mode exit")
         return code
+    # Set from the HTTP threads (POST /api/shutdown) and the SIGTERM handler, and polled: a
+    # signal handler must not take a lock (Event.set) the interrupted main thread may hold.
     exiting = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: exiting.set())
+    terminated: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))
+
+    def wait_for_the_end() -> None:
+        while not terminated and not exiting.is_set():
+            time.sleep(0.02)
+
     if mode == "silent":
-        exiting.wait()
+        wait_for_the_end()
         return 0
     if mode == "hang":
         listener = socket.socket(socket.AF_UNIX)
@@ -127,19 +135,18 @@ def main(argv: list[str]) -> int:
                 held.append(listener.accept()[0])
 
         threading.Thread(target=accept_and_hold, daemon=True).start()
-        exiting.wait()
+        wait_for_the_end()
         return 0
     server = Server(sock, Handler)
     server.token = token
     server.exiting = exiting
     os.chmod(sock, int(opts.get("ServerApp.sock_mode", "0600"), 8))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     # Real Jupyter prints its URL with the token: the launcher must mask it.
     print(f"[I fake-jupyter] Jupyter Server is running at: http+unix://{sock}/lab?token={token}",
           flush=True)  # fmt: skip
     log_event("jupyter", "listening", sock=sock)
-    while not exiting.wait(0.5):
-        pass
+    wait_for_the_end()
     time.sleep(float(opts.get("Fake.stop_delay", "0.3")))
     server.shutdown()
     with contextlib.suppress(FileNotFoundError):

@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 from common import eprint, flag, log_call, log_event, path
@@ -222,16 +223,17 @@ class Master:
         return {"ok": False, "error": f"unknown request {op} {spec}"}
 
     def run(self) -> None:
-        def on_signal(signum: int, _frame: Any) -> None:
-            eprint(f"Killed by signal {signum}.")
-            self.code = 255
-            self.done.set()
-
+        # The handler only records the signal: taking a lock (Event.set) there could deadlock
+        # with the interrupted main thread.
+        signals: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-        while not self.done.wait(0.5):
-            pass
-        self.finish(self.code, "exit request" if self.code == 0 else "signal")
+            signal.signal(sig, lambda signum, _frame: signals.append(signum))
+        while not signals and not self.done.is_set():
+            time.sleep(0.02)
+        if signals:
+            eprint(f"Killed by signal {signals[0]}.")
+            self.finish(255, "signal")
+        self.finish(self.code, "exit request")
 
     def finish(self, code: int, why: str) -> None:
         if getattr(self, "server", None) is not None:

@@ -28,7 +28,7 @@ from spunnel_jupyter.errors import (
     UsageError,
 )
 from spunnel_jupyter.manager import SpunnelManager
-from tests.fakes.cluster import FakeCluster, fetch, until
+from tests.fakes.cluster import ACTIVE, FakeCluster, fetch, until
 
 STATUS_BODY = b'{"started": "fake", "connections": 0, "kernels": 0}'
 
@@ -809,7 +809,7 @@ def test_a_record_without_a_job_is_removed_at_the_next_start(fake):
     m = SpunnelManager(config=fake.config())
 
     async def scenario():
-        await until(lambda: fake.job(old_job)["state"] == "COMPLETED", what="the old job ended")
+        await until(lambda: fake.job(old_job)["state"] not in ACTIVE, what="the old job ended")
         s = await start(m)
         await ready(s)
         s.request_stop("done")
