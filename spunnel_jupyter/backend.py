@@ -65,7 +65,7 @@ def parse_time_limit(text: str) -> int | None:
     value = text.strip()
     if value.upper() in ("UNLIMITED", "INFINITE"):
         return None
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value)
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value, re.ASCII)
     if not m:
         raise UsageError(f"invalid time limit {text!r}", f"use {TIME_FORMS}")
     days, a, b, c = (int(g) if g is not None else None for g in m.groups())
@@ -93,9 +93,11 @@ def format_duration(seconds: float | None) -> str:
 
 def parse_mem_mb(text: str) -> int:
     """Megabytes in a Slurm --mem value (default unit M; K, M, G, T suffixes)."""
-    m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper(), re.ASCII)
     if not m:
         raise UsageError(f"invalid memory {text!r}", "use megabytes or a unit, e.g. 4000 or 4G")
+    if int(m.group(1)) == 0:  # Slurm reads --mem=0 as "all the memory of the node"
+        raise UsageError(f"invalid memory {text!r}: it must be more than 0", "e.g. --mem 4G")
     scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[m.group(2)]
     return int(int(m.group(1)) * scale)
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from . import process
 from .backend import JobState
-from .errors import JupyterError, TunnelError
+from .errors import JupyterError, SlurmLost, TunnelError
 from .machine import Allocated, Event, FromNode, Outcome, Queued, SrunExited
 from .protocol import EXITED, LauncherSettings, NodeEvent
 from .settings import SessionSettings
@@ -42,6 +42,25 @@ _NOT_FOR_THE_JOB = ("JUPYTERHUB_", "JPY_", "JUPYTER_TOKEN", "JUPYTER_RUNTIME_DIR
 _QUEUED = re.compile(r"srun: job (\d+) queued and waiting for resources")
 _ALLOCATED = re.compile(r"srun: job (\d+) has been allocated resources")
 _SLURM_SAYS = re.compile(r"(srun|slurmstepd)(-[\w.-]+)?: ")
+
+
+def _how(code: object) -> str:
+    if isinstance(code, int) and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _crashed(code: object, node: str, ready: bool, where: str) -> JupyterError:
+    """Jupyter ended on its own with ``code`` (negative: the signal that killed it)."""
+    when = "" if ready else " before it was ready"
+    remedy = where
+    if code == -signal.SIGKILL:
+        remedy = f"it may have run out of memory: ask for more with --mem; {where}"
+    node = node or "the node"
+    if isinstance(code, int) and code < 0:
+        return JupyterError(f"Jupyter on {node} was {_how(code)}{when}", remedy)
+    return JupyterError(f"Jupyter exited on {node} with code {code}{when}", remedy)
 
 
 def job_environment() -> dict[str, str]:
@@ -146,11 +165,9 @@ class NodeChannel:
                 f"Jupyter failed on {node or 'the node'}: {exit_.get('message')}", where
             )
         if reason == "jupyter-exit":
-            if ready or exit_.get("code") == 0:
+            if exit_.get("code") == 0:
                 return Outcome("Jupyter was shut down (from its own menu or API)")
-            raise JupyterError(
-                f"Jupyter exited on {node} with code {exit_.get('code')} before it was ready", where
-            )
+            raise _crashed(exit_.get("code"), node, ready, where)
         if job_id is None:
             raise slurm.classify_error(said or f"srun exited with code {code}")
         state = (await slurm.job(job_id)).state
@@ -161,6 +178,11 @@ class NodeChannel:
                 state = JobState.CANCELLED
         if state in ENDINGS:
             return Outcome(f"job {job_id} {ENDINGS[state]}")
+        if state.active:  # srun died (killed, crashed) while its job lives on: teardown ends it
+            raise SlurmLost(
+                f"srun ended ({_how(code)}) while job {job_id} still ran; the job is cancelled",
+                f"start a new session; {where}",
+            )
         return Outcome(f"job {job_id} ended ({state.value}; srun exit {code})")
 
     async def stop(self, grace: float) -> bool:

@@ -16,6 +16,24 @@ from traitlets.config import Application, Config
 CONFIG_FILE = "jupyter_spunnel_jupyter_config"
 
 
+def site_config_key(section: str, key: str) -> str:
+    """``c.SECTION.KEY``, with the site config file that sets it (the one that wins), for errors
+    that must blame the site's configuration rather than the user's options."""
+    from jupyter_core.paths import jupyter_config_path
+
+    name = f"c.{section}.{key}"
+    where = ""
+    try:
+        for loaded, filename in Application._load_config_files(
+            CONFIG_FILE, path=jupyter_config_path(), raise_config_file_errors=False
+        ):
+            if key in loaded.get(section, {}):
+                where = filename
+    except Exception:  # a config file that does not even load: the name alone still helps
+        return name
+    return f"{name} ({where})" if where else name
+
+
 def load_site_config(log: logging.Logger | None = None) -> Config:
     from jupyter_core.paths import jupyter_config_path
 

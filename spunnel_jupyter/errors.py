@@ -77,6 +77,13 @@ class SlurmRejected(SpunnelError):
     http_status = 502
 
 
+class SlurmLost(SpunnelError):
+    """srun, our handle on the job, ended while the job still ran."""
+
+    exit_code = ExitCode.SLURM
+    http_status = 502
+
+
 class TunnelError(SpunnelError):
     exit_code = ExitCode.TUNNEL
     http_status = 502

@@ -10,12 +10,14 @@ argparse options (cli.py), the REST API's validation (extension.py), the srun ar
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import parse_mem_mb, parse_time_limit
 from .errors import UsageError
+from .passthrough import check_srun_args
 from .protocol import UI_PATHS
 from .tunnel import PortPair, check_port, parse_port_pairs
 
@@ -110,15 +112,22 @@ def check_value(f: Field, value: Any) -> Any:
     return value
 
 
-def build_request(options: Mapping[str, Any], defaults: Mapping[str, Any],
-                  extra: list[str]) -> SessionRequest:  # fmt: skip
-    """A request from user ``options`` (empty values mean "not given") over site ``defaults``.
+def build_request(
+    options: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    extra: list[str],
+    site: Callable[[str], str] = lambda name: f"c.SpunnelManager.{name}",
+) -> SessionRequest:
+    """A request from user ``options`` (empty values mean "not given") over site ``defaults``;
+    ``extra`` srun options pass through (passthrough.py). ``site(name)`` says where a default
+    came from, so a bad one is blamed on the site configuration, not on the user.
 
     Raises UsageError for an unknown field or a bad value; nothing is submitted then.
     """
     unknown = sorted(set(options) - set(BY_NAME))
     if unknown:
         raise UsageError(f"unknown field(s): {', '.join(unknown)}", f"use {', '.join(BY_NAME)}")
+    check_srun_args(extra)
     values: dict[str, Any] = {}
     for f in FIELDS:
         value = options.get(f.name)
@@ -126,6 +135,14 @@ def build_request(options: Mapping[str, Any], defaults: Mapping[str, Any],
             value = defaults.get(f.name)
             if f.kind is int and value == 0:
                 value = None  # a site default of 0 means "Slurm's default"
+            if value not in (None, ""):
+                try:
+                    check_value(f, value)
+                except UsageError as e:
+                    raise UsageError(
+                        f"the site's default {site(f.name)} is invalid: {e.message}",
+                        f"tell your administrators; meanwhile give {_flag(f)} yourself",
+                    ) from e
         if value in (None, ""):
             value = f.default
         if value not in (None, ""):
@@ -157,8 +174,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         group = slurm if f.srun else other
         if f.flags:
             group.add_argument(
-                *f.flags, dest=f.name, type=f.kind, default=None,
-                help=f.help, metavar=f.metavar or None, choices=f.choices or None,
+                *f.flags, dest=f.name, default=None,
+                help=f.help, metavar=f.metavar or _choices(f),
             )  # fmt: skip
         if f.cli_consts:
             exclusive = group.add_mutually_exclusive_group()
@@ -168,8 +185,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 )
 
 
+def _flag(f: Field) -> str:
+    return f.flags[-1] if f.flags else f.name
+
+
+def _choices(f: Field) -> str | None:
+    return "{" + ",".join(f.choices) + "}" if f.choices else None
+
+
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+    """The request options given on the command line (whole numbers parsed here, not by
+    argparse, so that a bad one gets the same one-line error as any other bad value)."""
+    options = {f.name: getattr(args, f.name) for f in FIELDS if getattr(args, f.name) is not None}
+    for f in FIELDS:
+        if f.kind is int and isinstance(options.get(f.name), str):
+            options[f.name] = parse_int(options[f.name], _flag(f))
+    return options
+
+
+def parse_int(text: str, what: str) -> int:
+    """A whole number written in ASCII digits (Python's int() also takes '٣' and ' 3 ')."""
+    if not re.fullmatch(r"[0-9]{1,9}", text):
+        raise UsageError(f"{what} {text!r} is not a whole number", f"write digits, e.g. {what} 2")
+    return int(text)
 
 
 def json_schema(defaults: Mapping[str, Any], partitions: list[str]) -> dict[str, Any]:

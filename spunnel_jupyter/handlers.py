@@ -22,6 +22,7 @@ from .fields import json_schema
 from .hub import SessionHub
 
 KEEPALIVE = 15.0  # seconds between SSE comments, so proxies keep the stream open
+MAX_BODY = 16 * 1024  # a start request is a few hundred bytes
 
 
 class SpunnelHandler(APIHandler):
@@ -61,6 +62,11 @@ class SessionHandler(SpunnelHandler):
 
     @web.authenticated
     async def post(self) -> None:
+        if len(self.request.body or b"") > MAX_BODY:
+            self.set_status(413)
+            too_big = UsageError(f"the body is over {MAX_BODY} bytes", "send the form only")
+            self.finish(json.dumps(too_big.to_json()))
+            return
         try:
             body: Any = json.loads(self.request.body or b"{}")
             if not isinstance(body, dict):

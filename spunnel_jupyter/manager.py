@@ -19,10 +19,12 @@ from traitlets import Float, Instance, Int, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import probes, process
-from .backend import SlurmBackend, format_duration, parse_mem_mb, parse_time_limit
+from .backend import Partition, SlurmBackend, format_duration, parse_mem_mb, parse_time_limit
+from .config import site_config_key
 from .control import send
 from .errors import NoSession, SessionExists, SpunnelError, UsageError
 from .fields import FIELDS, SessionRequest, build_request
+from .passthrough import check_srun_args
 from .protocol import ControlRequest, job_tag
 from .session import Session
 from .settings import SessionSettings
@@ -161,7 +163,18 @@ class SpunnelManager(LoggingConfigurable):
 
         The site's ``srun_args`` go before the user's own ``extra`` srun options.
         """
-        return build_request(options, self.defaults(), [*self.srun_args, *extra])
+        site_args = list(self.srun_args)
+        where = site_config_key("SpunnelManager", "srun_args")
+        try:
+            check_srun_args(site_args, where=f"in the site's {where}")
+        except UsageError as e:
+            raise UsageError(e.message, "tell your administrators") from e
+        req = build_request(
+            options, self.defaults(), list(extra),
+            site=lambda name: site_config_key("SpunnelManager", name),
+        )  # fmt: skip
+        req.extra[:0] = site_args
+        return req
 
     def _check_local_ports(self, req: SessionRequest) -> None:
         for port, what in [(req.port, "--port"), *((p.local, "--tunnel") for p in req.tunnels)]:
@@ -169,42 +182,24 @@ class SpunnelManager(LoggingConfigurable):
                 probes.check_free(port, what)
 
     async def _check_against_cluster(self, req: SessionRequest) -> None:
-        """Refuse what Slurm would refuse (or leave pending forever) before submitting anything."""
-        partition, time, mem = (req.slurm.get(k) for k in ("partition", "time", "mem"))
-        cpus = req.slurm.get("cpus_per_task")
+        """Refuse what Slurm would refuse (or leave pending forever) before submitting anything.
+
+        With several partitions (``-p a,b``) each must exist, and the job is refused only if none
+        of them can take it (Slurm runs it in whichever can).
+        """
         partitions = await self.slurm.partitions()
         names = ", ".join(p.name for p in partitions) or "none"
-        if partition:
-            wanted = [p for p in partitions if p.name == partition]
-            if not wanted:
-                raise UsageError(f"unknown partition {partition!r}", f"choose one of: {names}")
-        else:
-            wanted = [p for p in partitions if p.default]
+        by_name = {p.name: p for p in partitions}
+        asked = [n for n in str(req.slurm.get("partition") or "").split(",") if n]
+        for name in asked:
+            if name not in by_name:
+                raise UsageError(f"unknown partition {name!r}", f"choose one of: {names}")
+        wanted = [by_name[n] for n in asked] or [p for p in partitions if p.default]
         if not wanted:
             return  # no default partition visible: let Slurm decide
-        part = wanted[0]
-        if not part.available:
-            raise UsageError(f"partition {part.name!r} is down", f"choose one of: {names}")
-        if time and part.max_time is not None:
-            limit = parse_time_limit(time)
-            if limit is None or limit > part.max_time:
-                raise UsageError(
-                    f"time limit {time} exceeds partition {part.name!r}'s maximum "
-                    f"{format_duration(part.max_time)}",
-                    "ask for less time or choose another partition",
-                )
-        if mem and part.max_mem_mb and parse_mem_mb(mem) > part.max_mem_mb:
-            raise UsageError(
-                f"--mem {mem} is more than any node in partition {part.name!r} has "
-                f"({part.max_mem_mb} MB)",
-                f"ask for at most {part.max_mem_mb} MB",
-            )
-        if cpus and part.max_cpus and cpus > part.max_cpus:
-            raise UsageError(
-                f"{cpus} CPUs is more than any node in partition {part.name!r} "
-                f"has ({part.max_cpus})",
-                f"ask for at most {part.max_cpus}",
-            )
+        refusals = [_refusal(part, req, names) for part in wanted]
+        if refusals[0] is not None and all(refusals):
+            raise refusals[0]
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(
@@ -303,6 +298,34 @@ class SpunnelManager(LoggingConfigurable):
             raise NoSession("no session is running on this host", "start one with spunnel-notebook")
         verb, _, arg = command.partition(" ")
         return await send(state.file(CONTROL), ControlRequest(verb, arg))
+
+
+def _refusal(part: Partition, req: SessionRequest, names: str) -> UsageError | None:
+    """Why partition ``part`` cannot run the request, or None if it can."""
+    time, mem = req.slurm.get("time"), req.slurm.get("mem")
+    cpus = req.slurm.get("cpus_per_task")
+    if not part.available:
+        return UsageError(f"partition {part.name!r} is down", f"choose one of: {names}")
+    if time and part.max_time is not None:
+        limit = parse_time_limit(time)
+        if limit is None or limit > part.max_time:
+            return UsageError(
+                f"time limit {time} exceeds partition {part.name!r}'s maximum "
+                f"{format_duration(part.max_time)}",
+                "ask for less time or choose another partition",
+            )
+    if mem and part.max_mem_mb and parse_mem_mb(mem) > part.max_mem_mb:
+        return UsageError(
+            f"--mem {mem} is more than any node in partition {part.name!r} has "
+            f"({part.max_mem_mb} MB)",
+            f"ask for at most {part.max_mem_mb} MB",
+        )
+    if cpus and part.max_cpus and cpus > part.max_cpus:
+        return UsageError(
+            f"{cpus} CPUs is more than any node in partition {part.name!r} has ({part.max_cpus})",
+            f"ask for at most {part.max_cpus}",
+        )
+    return None
 
 
 def describe_running(record: dict[str, Any]) -> tuple[str, str]:

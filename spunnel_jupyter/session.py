@@ -25,7 +25,7 @@ from . import probes, process
 from .backend import JobState
 from .channel import NodeChannel
 from .control import ControlServer
-from .errors import ExitCode, SpunnelError, UsageError
+from .errors import ExitCode, SlurmLost, SpunnelError, UsageError
 from .fields import SessionRequest
 from .links import LinkContext, make_link
 from .machine import (
@@ -322,6 +322,9 @@ class Session:
 
     async def _end_job(self) -> None:
         s = self.settings
+        lost = self.outcome is not None and isinstance(self.outcome.error, SlurmLost)
+        if lost and self.job_id is not None:  # srun is gone: nothing else will end the job
+            await s.slurm.cancel(self.job_id)
         if not await self.channel.stop(grace=s.jupyter_stop_grace + 1.0):
             if self.job_id is not None:
                 with contextlib.suppress(SpunnelError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import time
 from asyncio.subprocess import PIPE
@@ -47,23 +48,33 @@ def check_port(port: int, what: str) -> int:
     return port
 
 
+MAX_PAIRS = 64
+_PAIR = re.compile(r"\s*([0-9]{1,5}):([0-9]{1,5})\s*")
+
+
 def parse_port_pairs(text: str) -> list[PortPair]:
-    """Parse spunnel's ``SP:EP[,SP:EP...]`` (submit-host port : exec-host port)."""
+    """Parse spunnel's ``SP:EP[,SP:EP...]`` (submit-host port : exec-host port), at most
+    ``MAX_PAIRS``, in one pass."""
+    items = text.split(",", MAX_PAIRS)
+    if len(items) > MAX_PAIRS:
+        raise UsageError(f"more than {MAX_PAIRS} --tunnel pairs", "forward fewer ports at once")
     pairs: list[PortPair] = []
-    for item in text.split(","):
-        local, sep, remote = item.strip().partition(":")
-        if not (sep and local.isdigit() and remote.isdigit()):
+    locals_: set[int] = set()
+    for item in items:
+        m = _PAIR.fullmatch(item)
+        if not m:
             raise UsageError(
-                f"malformed --tunnel pair {item.strip()!r}",
+                f"malformed --tunnel pair {item.strip()[:40]!r}",
                 "write LOGINPORT:NODEPORT[,...], e.g. --tunnel 8001:8000,8889:8888",
             )
-        pair = PortPair(check_port(int(local), "port"), check_port(int(remote), "port"))
-        if any(p.local == pair.local for p in pairs):
+        pair = PortPair(check_port(int(m[1]), "port"), check_port(int(m[2]), "port"))
+        if pair.local in locals_:
             raise UsageError(
                 f"login-side port {pair.local} appears twice in --tunnel",
                 "give each pair its own login-side port",
             )
         pairs.append(pair)
+        locals_.add(pair.local)
     return pairs
 
 
