@@ -8,7 +8,7 @@ it); ``Authorization: token T`` or ``?token=T`` authenticates.
     GET  /api/status         200 with the token, else 403
     GET  /lab, /tree         200 with the token, else 403
     POST /api/shutdown       200, then exit 0 (what File > Shut Down does)
-    POST /fake/crash?code=K  200, then exit K at once (a crash after ready)
+    POST /fake/crash?code=K  200, then exit K at once (a crash after ready; ?signal=N: killed)
     GET  /fake/echo          200, the request's headers as JSON
 
 Modes (--Fake.mode):
@@ -88,8 +88,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._answer(200, {"message": "bye"})
         if url.path == "/fake/crash":
-            code = int(parse_qs(url.query).get("code", ["1"])[0])
-            log_event("jupyter", "exit", code=code, why="crash")
+            query = parse_qs(url.query)
+            code = int(query.get("code", ["1"])[0])
+            log_event("jupyter", "exit", code=code, why="crash", query=query)
+            if "signal" in query:
+                os.kill(os.getpid(), int(query["signal"][0]))
             os._exit(code)
         self.server.why = "shutdown"
         self.server.exiting.set()

@@ -23,6 +23,7 @@ from spunnel_jupyter.errors import (
     ExitCode,
     JupyterError,
     SessionExists,
+    SlurmLost,
     SlurmUnavailable,
     TunnelError,
     UsageError,
@@ -396,34 +397,26 @@ def test_time_limit_told_by_slurmstepd_when_the_controller_is_away(fake):
     fake.assert_clean(m)
 
 
-def kill_srun_when_ready(m: SpunnelManager) -> Any:
+def test_srun_killed_while_the_job_runs_cancels_the_job_at_once(fake):
+    m = SpunnelManager(config=fake.config())
+
     async def scenario():
         s = await start(m)
         await ready(s)
+        killed_at = time.monotonic()
         os.kill(m.status()["srun_pid"], signal.SIGKILL)  # e.g. the login node's OOM killer
-        return s, await s.wait()
+        return s, await s.wait(), time.monotonic() - killed_at
 
-    return run(scenario())
-
-
-def test_srun_killed_while_the_job_runs_the_job_is_cancelled(fake):
-    m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
-    s, _ = kill_srun_when_ready(m)
-    (scancel,) = fake.calls("scancel")  # srun cannot end the step any more: scancel must
+    s, outcome, took = run(scenario())
+    assert isinstance(outcome.error, SlurmLost) and outcome.exit_code == ExitCode.SLURM
+    assert outcome.reason == (
+        f"srun ended (killed by SIGKILL) while job {s.job_id} still ran; the job is cancelled"
+    )
+    assert took < 2.0  # not after stop_timeout: srun cannot end the step any more
+    (scancel,) = fake.calls("scancel")
     assert scancel["argv"] == [str(s.job_id)]
     assert fake.job(s.job_id)["state"] == "CANCELLED"
     fake.assert_clean(m)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="srun killed while its job still runs ends with exit 0 and 'job N ended (RUNNING; "
-    "srun exit -9)' (channel.why_ended: a RUNNING job is not an ending)",
-)
-def test_srun_killed_while_the_job_runs_is_not_reported_as_the_job_ending(fake):
-    m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
-    _, outcome = kill_srun_when_ready(m)
-    assert outcome.exit_code != ExitCode.OK and "RUNNING" not in outcome.reason
 
 
 # -- Jupyter ends or never starts ---------------------------------------------------------------
@@ -444,38 +437,26 @@ def test_jupyter_shut_down_from_its_menu(fake):
     fake.assert_clean(m)
 
 
-def test_jupyter_crashing_after_ready_ends_the_session_cleanly(fake):
+@pytest.mark.parametrize(
+    ("crash", "how"),
+    [("code=1", "exited on {node} with code 1"), ("signal=9", "on {node} was killed by SIGKILL")],
+)
+def test_jupyter_crashing_after_ready_is_a_jupyter_error(fake, crash, how):
     m = SpunnelManager(config=fake.config())
 
     async def scenario():
         s = await start(m)
         await ready(s)
         port = urlparse(s.url).port
-        await fetch(port, "/fake/crash?code=1", token_of(s.url), method="POST")
+        await fetch(port, f"/fake/crash?{crash}", token_of(s.url), method="POST")
         return s, await s.wait()
 
-    s, _ = run(scenario())
+    s, outcome = run(scenario())
+    assert isinstance(outcome.error, JupyterError) and outcome.exit_code == ExitCode.JUPYTER
+    assert outcome.reason == "Jupyter " + how.format(node=s.node)
+    assert ("--mem" in outcome.error.remedy) == ("signal=9" in crash)  # SIGKILL: out of memory?
     assert fake.job(s.job_id)["state"] == "FAILED"  # the launcher exits 1, like Jupyter
     fake.assert_clean(m)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Jupyter that exits non-zero after ready is reported as 'Jupyter was shut down' "
-    "(channel.why_ended treats any jupyter-exit after READY as a shutdown)",
-)
-def test_jupyter_crashing_after_ready_is_not_reported_as_a_shutdown(fake):
-    m = SpunnelManager(config=fake.config())
-
-    async def scenario():
-        s = await start(m)
-        await ready(s)
-        port = urlparse(s.url).port
-        await fetch(port, "/fake/crash?code=1", token_of(s.url), method="POST")
-        return await s.wait()
-
-    outcome = run(scenario())
-    assert "shut down" not in outcome.reason and "code 1" in outcome.reason
 
 
 def test_jupyter_exiting_before_ready_is_a_jupyter_error(fake):
