@@ -67,13 +67,38 @@ async def test_config_lists_partitions_and_site_defaults(jp_fetch):
         ({"tunnels": "80:8000"}, "out of range"),
         ({"cpus_per_task": "two"}, "must be a int"),
         ({"colour": "blue"}, "unknown field"),
+        ({"cpus_per_task": True}, "must be a int"),
+        ({"cpus_per_task": 0}, "at least 1"),
+        ({"cpus_per_task": 2.5}, "must be a int"),
+        ({"port": 0}, "out of range"),
+        ({"mem": 4000}, "must be a str"),
+        ({"mem": "0"}, "more than 0"),
+        ({"tunnels": "\u00b2:8000"}, "malformed --tunnel pair"),
+        ({"tunnels": ",".join(f"{p}:{p}" for p in range(2000, 2100))}, "more than 64"),
+        ({"tunnels": ",".join(f"{p}:{p}" for p in range(2000, 62000))}, "over 16384 bytes"),
+        ({"ui": "vscode"}, "unknown ui"),
+        ({"tunnel_mode": "sideways"}, "unknown tunnel_mode"),
+        ({"partition": "interact,nosuch"}, "unknown partition 'nosuch'"),
     ],
 )
 async def test_bad_input_is_400_with_a_message_and_submits_nothing(jp_fetch, body, message):
+    before = _jobs_submitted()
     code, data = await _status(jp_fetch, "POST", "session", json.dumps(body))
-    assert code == 400, data
+    assert code == (413 if len(json.dumps(body)) > 16 * 1024 else 400), data
     assert message in data["message"] and data["remedy"]
     assert _squeue() == []
+    assert _jobs_submitted() == before
+
+
+async def test_a_body_that_is_not_an_object_is_400(jp_fetch):
+    code, data = await _status(jp_fetch, "POST", "session", "[1, 2]")
+    assert code == 400 and "JSON object" in data["message"]
+
+
+def _jobs_submitted() -> int:
+    """slurmctld's count of submitted jobs (sdiag): a refused srun would move it too."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
+    return int(out.split("Jobs submitted:")[1].split()[0])
 
 
 async def test_slurm_unreachable_is_503(jp_fetch, monkeypatch, tmp_path):
