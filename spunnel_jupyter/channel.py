@@ -123,7 +123,7 @@ class NodeChannel:
     async def _read_events(self, stream: asyncio.StreamReader | None) -> None:
         """Events from the launcher on the node (srun relays its stdout)."""
         assert stream is not None
-        async for raw in stream:
+        async for raw in process.lines(stream):
             self.log.write(raw)
             event = NodeEvent.parse(raw.decode(errors="replace"))
             if event is not None:
@@ -134,7 +134,7 @@ class NodeChannel:
     async def _read_stderr(self, stream: asyncio.StreamReader | None) -> None:
         """srun's own messages (queue progress, errors) and Jupyter's log, masked on the node."""
         assert stream is not None
-        async for raw in stream:
+        async for raw in process.lines(stream):
             self.log.write(raw)
             line = raw.decode(errors="replace").strip()
             if m := _QUEUED.search(line):

@@ -303,13 +303,25 @@ class Launcher:
         return status == 200
 
     async def _relay(self, stream: asyncio.StreamReader | None) -> None:
-        """Copy Jupyter's log to our stderr (the srun channel), with the token masked."""
+        """Copy Jupyter's log to our stderr (the srun channel), with the token masked.
+
+        In chunks, whatever the line length (a kernel may print a megabyte on one line): a
+        reader that stopped would leave Jupyter and its kernels blocked on a full pipe. The last
+        ``len(token) - 1`` bytes wait for the next chunk, so a token split between two chunks is
+        masked too."""
         assert stream is not None
-        async for line in stream:
-            text = line.decode(errors="replace").replace(self.token, "<token>")
+        token, mask = self.token.encode(), b"<token>"
+        keep = max(len(token) - 1, 0)
+        carry = b""
+        while True:
+            chunk = await stream.read(65536)
+            data = (carry + chunk).replace(token, mask) if token else carry + chunk
+            carry, out = (data[-keep:], data[:-keep]) if chunk and keep else (b"", data)
             with contextlib.suppress(OSError):
-                sys.stderr.write(text)
-                sys.stderr.flush()
+                sys.stderr.buffer.write(out)
+                sys.stderr.buffer.flush()
+            if not chunk:
+                return
 
 
 async def amain() -> int:

@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -116,3 +116,19 @@ def signal_if_alive(pid: int | None, started: int | None, sig: int) -> bool:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
     return True
+
+
+async def lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of ``stream``; a line longer than the reader's buffer comes in pieces instead
+    of stopping the reader (``async for`` on a StreamReader raises on a line over 64 KiB, and a
+    reader that stops leaves the writer blocked on a full pipe)."""
+    while True:
+        try:
+            line = await stream.readuntil(b"\n")
+        except asyncio.LimitOverrunError as e:
+            line = await stream.read(max(e.consumed, 1))
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                yield e.partial
+            return
+        yield line

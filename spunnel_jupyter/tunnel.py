@@ -249,7 +249,7 @@ class Tunnel:
 
     async def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
-        async for raw in self.proc.stderr:
+        async for raw in process.lines(self.proc.stderr):
             self.log.write(raw)
             self.said.append(raw.decode(errors="replace").strip())
 
