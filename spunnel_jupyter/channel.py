@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
-from . import process
+from . import probes, process
 from .backend import JobState
-from .errors import JupyterError, SlurmLost, TunnelError
-from .machine import Allocated, Event, FromNode, Outcome, Queued, SrunExited
+from .errors import JupyterError, SlurmLost, SpunnelError, TunnelError
+from .machine import Allocated, Event, FromNode, JobPolled, Outcome, Queued, SrunExited
 from .protocol import EXITED, LauncherSettings, NodeEvent
 from .settings import SessionSettings
 
@@ -144,6 +144,20 @@ class NodeChannel:
             elif _SLURM_SAYS.match(line):
                 self.slurm_said.append(line)
 
+    async def poll_job(self, job_id: Callable[[], int | None]) -> None:
+        """Ask Slurm about the job (its pending reason, then its end time): every
+        ``pending_poll_interval`` while it pends, every ``refresh_interval`` once it runs. srun
+        itself reports the start."""
+        s, running = self.settings, False
+        while True:
+            await asyncio.sleep(s.refresh_interval if running else s.pending_poll_interval)
+            known = job_id()
+            if known is not None:
+                info = await s.slurm.job(known)
+                running = info.state is not JobState.PENDING
+                if info.state is not JobState.UNKNOWN:  # unreachable: not known to have ended
+                    self.post(JobPolled(info))
+
     async def why_ended(self, code: int, job_id: int | None, node: str, ready: bool) -> Outcome:
         """Why srun exited with ``code``: an Outcome, or the SpunnelError the user must see."""
         said = " ".join(self.slurm_said)
@@ -199,9 +213,50 @@ class NodeChannel:
             return False
         return True
 
-    async def kill(self, grace: float) -> None:
+    async def end_step(self, job_id: int | None, srun_lost: bool) -> None:
+        """End srun and the step: SIGUSR1 (``stop``), else cancel and kill srun."""
+        slurm, s = self.settings.slurm, self.settings
+        if srun_lost and job_id is not None:  # srun is gone: nothing else will end the job
+            with contextlib.suppress(SpunnelError):
+                await asyncio.wait_for(slurm.cancel(job_id), s.stop_timeout)
+        if not await self.stop(grace=s.jupyter_stop_grace + 1.0):
+            if job_id is not None:
+                with contextlib.suppress(SpunnelError, asyncio.TimeoutError):
+                    await asyncio.wait_for(slurm.cancel(job_id), s.stop_timeout)
+            if self.srun is not None:
+                await process.stop(self.srun, grace=s.stop_timeout, first=None)
+
+    async def abort(self, tag: str) -> None:
+        """Undo a submission interrupted before the session began (Ctrl-C while starting)."""
         if self.srun is not None:
-            await process.stop(self.srun, grace=grace, first=None)
+            with contextlib.suppress(Exception):
+                await self.end_step(None, srun_lost=False)
+                await asyncio.wait_for(self.end_job(None, tag), self.settings.stop_timeout + 1.0)
+
+    async def end_job(self, job_id: int | None, tag: str) -> int | None:
+        """Make sure the job left the queue (finding it by ``tag`` if srun never named it);
+        return its id. Raises SpunnelError if Slurm does not confirm it."""
+        slurm = self.settings.slurm
+        if job_id is None:  # srun may have been granted a job it never named
+            for found, job_tag, _ in await slurm.my_jobs():
+                if job_tag == tag:
+                    job_id = found
+                    await slurm.cancel(found)
+        if job_id is None:
+            return None
+        known_id = job_id
+
+        async def gone() -> bool:
+            return not await slurm.in_queue(known_id)
+
+        # scontrol answers in ~5 ms: poll tightly, the user is waiting (bounded by the caller)
+        if not await probes.wait_until(
+            gone, timeout=self.settings.stop_timeout, first=0.02, cap=0.05
+        ):
+            await slurm.cancel(job_id)
+            if not await gone():
+                raise SpunnelError(f"job {job_id} is still in the queue after teardown")
+        return job_id
 
     def pids(self) -> dict[str, Any]:
         if self.srun is None:

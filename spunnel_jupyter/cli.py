@@ -189,7 +189,7 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
     try:
         session = await manager.start(req, on_change)
     except asyncio.CancelledError:
-        console.say(f"{PROG}: interrupted before anything was submitted")
+        console.say(f"{PROG}: interrupted before the session started; nothing is left running")
         return ExitCode.SIGINT
     holder["s"] = session
     on_change(session)
@@ -202,8 +202,9 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         if session.job_id is None:
             return outcome.exit_code  # refused before a job existed: nothing was left to end
     job = f"job {session.job_id} " if session.job_id else ""
+    gone = f"{job}gone from the queue" if session.job_gone else "see below"
     console.say(
-        f"{PROG}: session ended: {outcome.reason}; {job}gone from the queue, tunnel closed "
+        f"{PROG}: session ended: {outcome.reason}; {gone}, tunnel closed "
         f"({session.times.get('teardown_s', 0):.2f} s)"
     )
     for note in session.notes[told:]:

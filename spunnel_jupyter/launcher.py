@@ -306,17 +306,17 @@ class Launcher:
         """Copy Jupyter's log to our stderr (the srun channel), with the token masked.
 
         In chunks, whatever the line length (a kernel may print a megabyte on one line): a
-        reader that stopped would leave Jupyter and its kernels blocked on a full pipe. The last
-        ``len(token) - 1`` bytes wait for the next chunk, so a token split between two chunks is
-        masked too."""
+        reader that stopped would leave Jupyter and its kernels blocked on a full pipe. A chunk
+        that ends with the start of the token keeps that part for the next chunk, so a token split
+        between two chunks is masked too; anything else (a whole line) goes out at once."""
         assert stream is not None
         token, mask = self.token.encode(), b"<token>"
-        keep = max(len(token) - 1, 0)
         carry = b""
         while True:
             chunk = await stream.read(65536)
             data = (carry + chunk).replace(token, mask) if token else carry + chunk
-            carry, out = (data[-keep:], data[:-keep]) if chunk and keep else (b"", data)
+            cut = next((n for n in range(len(token) - 1, 0, -1) if data.endswith(token[:n])), 0)
+            carry, out = (data[-cut:], data[:-cut]) if chunk and cut else (b"", data)
             with contextlib.suppress(OSError):
                 sys.stderr.buffer.write(out)
                 sys.stderr.buffer.flush()

@@ -71,6 +71,21 @@ class Link:
     def after_ready(self, job_id: int | None) -> None:
         """The URL was published."""
 
+    async def change_forward(self, pair: PortPair, cancel: bool) -> None:
+        """Add (or cancel) a pair on the running tunnel, and in the session's list of pairs."""
+        known = pair in self.ctx.tunnels
+        if cancel and not known:
+            raise UsageError(f"{pair} is not forwarded", "see `spunnel-notebook status`")
+        if not cancel and (known or pair.local == self.ctx.port):
+            raise UsageError(f"port {pair.local} is already forwarded", "pick another")
+        if not cancel and self.runtime_forwards:
+            probes.check_free(pair.local, "forward")
+        await self.forward(pair, cancel)
+        if cancel:
+            self.ctx.tunnels.remove(pair)
+        else:
+            self.ctx.tunnels.append(pair)
+
     async def forward(self, pair: PortPair, cancel: bool) -> None:
         raise UsageError(
             "forwards can be added at runtime in forward mode only",

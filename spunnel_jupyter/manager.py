@@ -29,7 +29,7 @@ from .protocol import ControlRequest, job_tag
 from .session import Session
 from .settings import SessionSettings
 from .slurm import SlurmCLI
-from .state import CONTROL, CONTROL_PATH, LAST, RECORD, TUNNEL_SOCKET, StateDir
+from .state import CONTROL, CONTROL_PATH, LAST, RECORD, TUNNEL_SOCKET, UNCANCELLED, StateDir
 from .tunnel import SshTunnel
 
 
@@ -231,18 +231,22 @@ class SpunnelManager(LoggingConfigurable):
     async def clean_leftovers(self, state: StateDir) -> list[str]:
         """Remove what a dead supervisor left: its job, ssh master, srun, socket and record.
 
-        Only call with the lock held (by us) or free: then nobody else owns these things.
+        Only call with the lock held by us: then nobody else owns these things. Also retries
+        the cancel of a job whose end an earlier teardown could not confirm.
         """
-        record = state.read()
+        record, uncancelled = state.read(), state.read(UNCANCELLED)
         notes: list[str] = []
-        if record is None:
+        if record is None and uncancelled is None:
             return notes  # the record is written before srun starts and removed last
         # Jobs this tool submitted from this host; with the lock ours, none has a live owner.
         tag = job_tag()
+        named = (uncancelled or {}).get("job_id")
         for job_id, comment, job_state in await self.slurm.my_jobs():
-            if comment.startswith(tag) and job_state.active:
+            if (comment.startswith(tag) or job_id == named) and job_state.active:
                 await self.slurm.cancel(job_id)
                 notes.append(f"cancelled job {job_id} left by an earlier session")
+        state.remove(UNCANCELLED)
+        record = record or {}
         for what in ("ssh", "srun"):
             pid = record.get(f"{what}_pid")
             if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
@@ -268,8 +272,11 @@ class SpunnelManager(LoggingConfigurable):
         """Ask the running session (started by any front end) to end, and wait until it has."""
         state = self.state()
         timeout = timeout or 4 * self.stop_timeout
-        if not state.is_locked():
-            notes = await self.clean_leftovers(state)
+        if state.try_lock():  # no session: clean what a dead one left, holding the lock meanwhile
+            try:
+                notes = await self.clean_leftovers(state)
+            finally:
+                state.unlock()
             if notes:
                 return "; ".join(notes)
             raise NoSession("no session is running on this host", "start one with spunnel-notebook")

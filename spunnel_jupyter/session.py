@@ -25,7 +25,7 @@ from . import probes, process
 from .backend import JobState
 from .channel import NodeChannel
 from .control import ControlServer
-from .errors import ExitCode, SlurmLost, SpunnelError, UsageError
+from .errors import ExitCode, JupyterError, SlurmLost, SpunnelError, StateError, UsageError
 from .fields import SessionRequest
 from .links import LinkContext, make_link
 from .machine import (
@@ -58,7 +58,17 @@ from .protocol import (
     ui_path,
 )
 from .settings import SessionSettings
-from .state import CONTROL, CONTROL_PATH, LAST, LOG, RECORD, TUNNEL_SOCKET, StateDir, hostname
+from .state import (
+    CONTROL,
+    CONTROL_PATH,
+    LAST,
+    LOG,
+    RECORD,
+    TUNNEL_SOCKET,
+    UNCANCELLED,
+    StateDir,
+    hostname,
+)
 from .tunnel import PortPair, parse_port_pairs
 
 
@@ -94,10 +104,12 @@ class Session:
         self.notes: list[str] = []  # things the user should be told, in order
         self.times: dict[str, float] = {"submitted": time.time()}
         self.outcome: Outcome | None = None
+        self.job_gone = False  # teardown saw the job leave the queue
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._tasks: list[asyncio.Future[Any]] = []
         self._task: asyncio.Future[Outcome] | None = None
         self._lost_at = 0.0
+        self._save_failed = False
         self._log = state.open_log(LOG, keep=settings.logs_kept)
         self.channel = NodeChannel(settings, self._log, self._post)
         self.link = make_link(
@@ -148,18 +160,7 @@ class Session:
         """Add (or cancel) a port pair on the running tunnel."""
         if self.phase is not Phase.READY:
             raise UsageError("the session is not ready yet", "try again once the URL is shown")
-        known = pair in self.req.tunnels
-        if cancel and not known:
-            raise UsageError(f"{pair} is not forwarded", "see `spunnel-notebook status`")
-        if not cancel and (known or pair.local == self.port):
-            raise UsageError(f"port {pair.local} is already forwarded", "pick another")
-        if not cancel and self.link.runtime_forwards:
-            probes.check_free(pair.local, "forward")
-        await self.link.forward(pair, cancel)
-        if cancel:
-            self.req.tunnels.remove(pair)
-        else:
-            self.req.tunnels.append(pair)
+        await self.link.change_forward(pair, cancel)  # req.tunnels is the link's list too
         self._set()
         verb = "cancelled" if cancel else "forwarding"
         return f"{verb} 127.0.0.1:{pair.local} -> port {pair.remote} on {self.node}"
@@ -183,6 +184,7 @@ class Session:
             self._save()
         except BaseException:
             self.control.close()
+            await self.channel.abort(job_tag(self.id))  # submitted, then interrupted or failed
             await self.link.close(grace=0.5)
             self.channel.close()
             self.state.remove(RECORD, CONTROL)
@@ -191,7 +193,7 @@ class Session:
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> Outcome:
-        self._spawn(self._poll_job())
+        self._spawn(self.channel.poll_job(lambda: self.job_id))
         try:
             while self.outcome is None:
                 await self.handle(await self._events.get())
@@ -261,6 +263,19 @@ class Session:
         if self.phase is Phase.PENDING:
             self.times.setdefault("running", time.time())
             self._set(job_id=job_id, job_state=JobState.RUNNING, reason="", phase=Phase.STARTING)
+            self._spawn(self._bound_starting())
+
+    async def _bound_starting(self) -> None:
+        """STARTING ends within a bound even if the node falls silent (the launcher bounds
+        Jupyter's start itself; this bounds everything, the tunnel and its fallback included)."""
+        s, ssh = self.settings, self.settings.tunnel
+        bound = s.start_timeout + ssh.adopt_retry_timeout + 2 * ssh.connect_timeout
+        await asyncio.sleep(bound + ssh.reconnect_timeout + 10.0)
+        if self.phase is Phase.STARTING:
+            self._post(Failed(JupyterError(
+                f"the session did not become ready within {bound:g} s of the job starting",
+                f"see {self._log.name}",
+            )))  # fmt: skip
 
     async def _connect(self, socket: str) -> None:
         try:
@@ -284,17 +299,6 @@ class Session:
             if info.state is not JobState.UNKNOWN:
                 self._set(end_time=info.end_time)
         self.link.after_ready(self.job_id)
-
-    async def _poll_job(self) -> None:
-        """Refresh Slurm's pending reason, then the end time; srun reports the start itself."""
-        s = self.settings
-        while True:
-            running = self.job_state is not JobState.PENDING
-            await asyncio.sleep(s.refresh_interval if running else s.pending_poll_interval)
-            if self.job_id is not None:
-                info = await s.slurm.job(self.job_id)
-                if info.state is not JobState.UNKNOWN:  # unreachable: not known to have ended
-                    self._post(JobPolled(info))
 
     async def _on_control(self, request: ControlRequest) -> str:
         """Other front ends (spunnel-notebook stop/forward, the server extension) talk to us."""
@@ -321,30 +325,26 @@ class Session:
         self.times["teardown_s"] = round(time.monotonic() - started, 3)
 
     async def _end_job(self) -> None:
+        """srun first (it needs no controller), then Slurm's side, within ``stop_timeout``.
+        A job whose end the controller did not confirm is remembered (state.UNCANCELLED) for
+        the next start or `stop` to cancel, and the user is told."""
         s = self.settings
-        lost = self.outcome is not None and isinstance(self.outcome.error, SlurmLost)
-        if lost and self.job_id is not None:  # srun is gone: nothing else will end the job
-            await s.slurm.cancel(self.job_id)
-        if not await self.channel.stop(grace=s.jupyter_stop_grace + 1.0):
-            if self.job_id is not None:
-                with contextlib.suppress(SpunnelError):
-                    await s.slurm.cancel(self.job_id)
-            await self.channel.kill(grace=s.stop_timeout)
-        if self.job_id is None:  # srun may have been granted a job it never named
-            for job_id, tag, _ in await s.slurm.my_jobs():
-                if tag == job_tag(self.id):
-                    self.job_id = job_id
-                    await s.slurm.cancel(job_id)
-        if self.job_id is not None:
-            job_id = self.job_id
-
-            async def gone() -> bool:
-                return not await s.slurm.in_queue(job_id)
-
-            # scontrol answers in ~5 ms: poll tightly, the user is waiting (bounded by stop_timeout)
-            if not await probes.wait_until(gone, timeout=s.stop_timeout, first=0.02, cap=0.05):
-                await s.slurm.cancel(job_id)
-                raise SpunnelError(f"job {job_id} is still in the queue after teardown")
+        srun_lost = self.outcome is not None and isinstance(self.outcome.error, SlurmLost)
+        await self.channel.end_step(self.job_id, srun_lost)
+        try:
+            self.job_id = await asyncio.wait_for(
+                self.channel.end_job(self.job_id, job_tag(self.id)), s.stop_timeout + 1.0
+            )
+        except (SpunnelError, asyncio.TimeoutError) as e:
+            with contextlib.suppress(OSError):
+                self.state.write({"job_id": self.job_id, "tag": job_tag(self.id)}, UNCANCELLED)
+            job = f"job {self.job_id}" if self.job_id else "the job"
+            raise SpunnelError(
+                f"{job} may still be in the queue: Slurm did not confirm its end "
+                f"({e or 'no answer'}); it is cancelled at your next start or `spunnel-notebook "
+                "stop`, or run scancel yourself"
+            ) from e
+        self.job_gone = True
 
     def _finish(self) -> None:
         """Last step, always: remove the record and socket files, release the lock."""
@@ -384,4 +384,16 @@ class Session:
                 self.log.exception("on_change listener failed")
 
     def _save(self) -> None:
-        self.state.write(self.record(with_secrets=True).to_json())
+        """Rewrite session.json. Once the session runs, a failed write (a full disk) is told
+        once and never stops the session or its teardown; before srun, it refuses the start."""
+        try:
+            self.state.write(self.record(with_secrets=True).to_json())
+        except OSError as e:
+            if self.channel.srun is None:
+                raise StateError(
+                    f"cannot write the session record in {self.state.path}: {e.strerror}",
+                    "free space there, or set SPUNNEL_STATE_DIR to another private directory",
+                ) from e
+            if not self._save_failed:
+                self._save_failed = True
+                self.notes.append(f"cannot update {self.state.file(RECORD)}: {e.strerror}")

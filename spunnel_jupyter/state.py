@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .errors import StateError
 
@@ -33,6 +34,7 @@ CONTROL_PATH = "ctl"  # the ssh ControlMaster's socket
 TUNNEL_SOCKET = "tunnel.sock"  # the login end of the -L to Jupyter's socket (behind the relay)
 LOG = "session.log"  # srun's, ssh's and (token-masked) Jupyter's output
 LAST = "last.json"  # how the previous session ended (no secrets)
+UNCANCELLED = "uncancelled.json"  # a job whose end Slurm did not confirm at teardown: retried
 # Filesystems whose locks or Unix sockets are not host-local.
 NETWORK_FS = {
     "nfs",
@@ -140,13 +142,25 @@ class StateDir:
             self._lock_fd = None
 
     def is_locked(self) -> bool:
-        """True if some live process holds the session lock (possibly us)."""
+        """True if some live process holds the session lock (possibly us).
+
+        Asks the kernel's lock table (/proc/locks) instead of taking the lock, so that a probe
+        (status, the event stream) can never make a start racing it fail."""
         if self._lock_fd is not None:
             return True
-        if self.try_lock():
-            self.unlock()
+        try:
+            st = os.stat(self.file(LOCK))
+        except FileNotFoundError:
             return False
-        return True
+        key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        try:
+            with open("/proc/locks", encoding="ascii", errors="replace") as f:
+                return any("FLOCK" in line and key in line.split() for line in f)
+        except OSError:  # no /proc: probe by taking the lock (a racing start may then fail)
+            if self.try_lock():
+                self.unlock()
+                return False
+            return True
 
     # -- record ------------------------------------------------------------------------------
     def read(self, name: str = RECORD) -> dict[str, Any] | None:
@@ -171,7 +185,7 @@ class StateDir:
                 os.unlink(tmp)
             raise
 
-    def open_log(self, name: str, keep: int) -> IO[bytes]:
+    def open_log(self, name: str, keep: int) -> Log:
         """A new log ``name`` (0600, unbuffered); the previous ones move to ``name.1`` ...
         ``name.<keep>`` (the oldest is dropped), so a new session never erases the last one's."""
         for n in range(keep, 0, -1):
@@ -182,7 +196,7 @@ class StateDir:
         def opener(path: str, flags: int) -> int:
             return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
 
-        log = open(self.file(name), "wb", buffering=0, opener=opener)
+        log = Log(self.file(name), "w", opener=opener)
         os.fchmod(log.fileno(), 0o600)  # an older log may have been looser
         return log
 
@@ -190,6 +204,20 @@ class StateDir:
         for name in names:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.file(name))
+
+
+class Log(io.FileIO):
+    """A session log whose writes never raise: a full disk (ENOSPC) must not stop the readers
+    of srun's output, nor a teardown. What could not be written is counted in ``dropped``."""
+
+    dropped = 0
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data) or 0
+        except OSError:
+            self.dropped += len(data)
+            return 0
 
 
 def hostname() -> str:

@@ -379,12 +379,6 @@ def test_time_limit(fake):
     fake.assert_clean(m)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="launcher._relay holds back the last len(token)-1 bytes of every chunk, so Jupyter's "
-    "log ends mid-line and slurmstepd's '*** ... DUE TO TIME LIMIT ***' lands after a fragment "
-    "('[I slurmstepd: ...'): _SLURM_SAYS misses it and the ending reads 'was cancelled'",
-)
 def test_time_limit_told_by_slurmstepd_when_the_controller_is_away(fake):
     m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
 
