@@ -67,6 +67,10 @@ async def run(argv: Sequence[str], *, timeout: float, env: dict[str, str] | None
     except asyncio.TimeoutError:
         await stop(proc, grace=0)
         raise TimeoutError(f"{argv[0]} did not answer within {timeout:g} s") from None
+    except asyncio.CancelledError:  # our caller gave up (a teardown): the child goes too
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
     assert proc.returncode is not None
     return Result(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import glob
 import io
+import os
 import types
+from pathlib import Path
 
 from spunnel_jupyter import process
 from spunnel_jupyter.launcher import Launcher
@@ -44,3 +47,32 @@ def test_the_launcher_masks_the_token_even_split_between_chunks(monkeypatch):
     asyncio.run(relay())
     assert out.getvalue() == data.replace(TOKEN.encode(), b"<token>")
     assert TOKEN.encode() not in out.getvalue()
+
+
+def _children() -> list[int]:
+    me = str(os.getpid())
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def test_a_cancelled_run_leaves_no_child():
+    """A teardown that gives up on a slow scontrol must not leave it running unsupervised."""
+
+    async def cancel_a_run() -> tuple[list[int], list[int]]:
+        task = asyncio.ensure_future(process.run(["sleep", "30"], timeout=60))
+        await asyncio.sleep(0.3)
+        children = _children()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        return children, [p for p in children if process.alive(p, process.start_time(p))]
+
+    children, alive = asyncio.run(cancel_a_run())
+    assert children and not alive
