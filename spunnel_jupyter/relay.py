@@ -33,11 +33,8 @@ import time
 from collections.abc import Callable
 
 from .peers import PeerOwner
+from .splice import Pair
 
-# Bytes per splice: a default pipe's capacity (about 1 GB/s here). 1 MB pipes were no faster,
-# and they count against the user's pipe-user-pages-soft, shared with all their programs.
-_CHUNK = 1 << 16
-_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Errors that say "not now": the process or the host is out of descriptors or memory.
 _SCARCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _PAUSE_FIRST, _PAUSE_MAX = 0.05, 1.0  # accepting stops this long, doubling while it persists
@@ -65,80 +62,6 @@ def _nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _Flow:
-    """One direction of one connection: ``src`` -> pipe -> ``dst``."""
-
-    def __init__(self, src: socket.socket, dst: socket.socket) -> None:
-        self.src, self.dst = src, dst
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.buffered = 0  # bytes in the pipe, not yet written to dst
-        self.eof = False
-
-    def pump(self) -> None:
-        """Move what can move now without blocking. Raises OSError when a side is broken."""
-        more = not self.eof
-        while True:
-            while self.buffered:
-                try:
-                    self.buffered -= os.splice(
-                        self.r, self.dst.fileno(), self.buffered, flags=_FLAGS
-                    )
-                except BlockingIOError:
-                    return  # dst is full: wait until it is writable
-            if not more:
-                return
-            try:
-                n = os.splice(self.src.fileno(), self.w, _CHUNK, flags=_FLAGS)
-            except BlockingIOError:
-                return  # nothing to read: wait until src is readable
-            if n == 0:
-                self.eof = True
-                with contextlib.suppress(OSError):
-                    self.dst.shutdown(socket.SHUT_WR)
-                return
-            self.buffered = n
-            more = n == _CHUNK  # a short read drained src; epoll (level-triggered) tells of more
-
-    @property
-    def done(self) -> bool:
-        return self.eof and not self.buffered
-
-    def close(self) -> None:
-        os.close(self.r)
-        os.close(self.w)
-
-
-class _Pair:
-    """A client connection and its upstream: two flows, one per direction."""
-
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
-        self.socks = (client, upstream)
-        first = _Flow(client, upstream)
-        try:
-            self.flows = (first, _Flow(upstream, client))
-        except OSError:
-            first.close()
-            raise
-        self.watched: dict[socket.socket, int] = {}  # the events registered with the selector
-
-    def interest(self, sock: socket.socket) -> int:
-        """What ``sock`` waits for: readable when its outbound pipe is empty, writable when its
-        inbound pipe holds bytes it could not take yet."""
-        out, inbound = self.flows if sock is self.socks[0] else self.flows[::-1]
-        events = 0
-        if not out.eof and not out.buffered:
-            events |= selectors.EVENT_READ
-        if inbound.buffered:
-            events |= selectors.EVENT_WRITE
-        return events
-
-    def close(self) -> None:
-        for flow in self.flows:
-            flow.close()
-        for sock in self.socks:
-            sock.close()
-
-
 class _Connecting:
     """An accepted client whose upstream is not connected yet: ssh's backlog was full (a Unix
     connect then fails with EAGAIN and does not go on in the background, so it is retried on a
@@ -159,8 +82,8 @@ class _Connecting:
 
 
 class Relay:
-    """Listen on 127.0.0.1:``port`` and relay each of ``owner_uid``'s connections to the Unix
-    socket ``target``.
+    """Listen on 127.0.0.1:``port`` and relay each of ``owner_uid``'s (and root's, unless
+    ``allow_root`` is False) connections to the Unix socket ``target``.
 
     ``on_refused(uid)`` is called for each connection refused (``uid`` None when the kernel could
     not tell whose it was), ``on_death(exc)`` once if the relay thread ends on an unexpected
@@ -173,12 +96,16 @@ class Relay:
         target: str,
         *,
         owner_uid: int | None = None,
+        allow_root: bool = True,
         max_connections: int = 512,
         on_refused: Callable[[int | None], object] | None = None,
         on_death: Callable[[BaseException], object] | None = None,
     ) -> None:
         self.target = target
         self.owner_uid = os.getuid() if owner_uid is None else owner_uid
+        # root can read the session's token file anyway: refusing it would protect nothing, and
+        # an administrator's tools (and this project's tests, run as root) keep working.
+        self.allowed = {self.owner_uid, 0} if allow_root else {self.owner_uid}
         self.max_connections = max_connections
         self.refused = 0
         self.error: BaseException | None = None
@@ -195,7 +122,7 @@ class Relay:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._listening = True
-        self._pairs: set[_Pair] = set()
+        self._pairs: set[Pair] = set()
         self._waiting: list[_Connecting] = []  # upstream connects to retry
         self._open = 0  # accepted clients not closed yet: pairs and waiting
         self._resume_at = 0.0  # accepting paused until then (0: not paused)
@@ -331,7 +258,7 @@ class Relay:
         uid = None
         with contextlib.suppress(OSError):
             uid = self._peers.uid(peer, self._local)
-        if uid == self.owner_uid:
+        if uid in self.allowed:
             return True
         with contextlib.suppress(OSError):
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
@@ -351,7 +278,7 @@ class Relay:
             if not job.connected:
                 job.upstream.connect(self.target)
                 job.connected = True
-            pair = _Pair(job.client, job.upstream)
+            pair = Pair(job.client, job.upstream)
         except OSError as e:
             # EAGAIN: ssh's backlog is full. Others: ssh is down or reconnecting, the browser
             # sees a closed connection.
@@ -377,7 +304,7 @@ class Relay:
         self._open -= 1
         self._listen()
 
-    def _service(self, pair: _Pair, sock: object = None, events: int = 0) -> None:
+    def _service(self, pair: Pair, sock: object = None, events: int = 0) -> None:
         """Pump the flows ``sock`` is ready for (all of them when ``sock`` is None)."""
         if pair not in self._pairs:  # dropped earlier in this round: its fds may be reused
             return
@@ -404,7 +331,7 @@ class Relay:
                 self._selector.unregister(one)
             pair.watched[one] = wanted
 
-    def _drop(self, pair: _Pair) -> None:
+    def _drop(self, pair: Pair) -> None:
         if pair not in self._pairs:
             return
         self._pairs.discard(pair)

@@ -245,10 +245,20 @@ def test_another_users_connection_is_reset_unread(relay_to, target):
 
 def test_a_relay_for_another_uid_refuses_ours(relay_to):
     refusals: list[int | None] = []
-    relay = relay_to(echo_until_eof, owner_uid=NOBODY, on_refused=refusals.append)
+    relay = relay_to(echo_until_eof, owner_uid=NOBODY, allow_root=False, on_refused=refusals.append)
     assert try_to_use(relay.port) == b""
     wait_for(lambda: relay.refused == 1)
     assert refusals == [os.getuid()]
+
+
+def test_root_may_use_any_users_relay_by_default(relay_to):
+    """root can read the token file anyway; refusing it would protect nothing."""
+    relay = relay_to(echo_until_eof, owner_uid=NOBODY)
+    assert os.getuid() == 0, "the tests run as root"
+    with connect(relay) as c:
+        c.sendall(b"ping")
+        assert c.recv(4) == b"ping"
+    assert relay.refused == 0
 
 
 def test_a_peer_the_kernel_cannot_find_is_refused(relay_to):
@@ -413,7 +423,9 @@ def test_raise_nofile_limit():
 
 def test_close_from_a_callback(relay_to):
     """The session may close the relay from on_refused or on_death (on the relay thread)."""
-    relay = relay_to(echo_until_eof, owner_uid=NOBODY, on_refused=lambda uid: relay.close())
+    relay = relay_to(
+        echo_until_eof, owner_uid=NOBODY, allow_root=False, on_refused=lambda uid: relay.close()
+    )
     assert try_to_use(relay.port) == b""
     wait_for(lambda: not relay._thread.is_alive())
     assert not port_in_use(relay.port)
