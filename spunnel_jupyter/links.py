@@ -1,10 +1,13 @@
 """How a session's URL reaches Jupyter on the node: the tunnel strategies.
 
-- ``ForwardLink``: the supervisor holds 127.0.0.1:PORT (relay.py) in front of an ssh ControlMaster
-  from this host to the node (``-L <state>/tunnel.sock:<node's jupyter.sock>``). The master
-  connects while Jupyter starts; a lost master is rebuilt on the same port (same URL).
-- ``ReverseLink``: the launcher dials back with ``ssh -R`` from inside the job (no sshd needed on
-  the nodes) and rebuilds it itself; this side only listens to what the node says.
+In every mode the session's ports are its own owner-only relays (ports.py) in front of Unix
+sockets in the state directory; a link only serves those sockets.
+
+- ``ForwardLink``: an ssh ControlMaster from this host to the node
+  (``-L <state>/tunnel.sock:<node's jupyter.sock>``, ``-L <state>/port-SP.sock:localhost:EP``).
+  The master connects while Jupyter starts; a lost master is rebuilt (same sockets, same URL).
+- ``ReverseLink``: the launcher dials back with ``ssh -R`` (the same specs) from inside the job
+  (no sshd needed on the nodes) and rebuilds it itself; this side listens to what the node says.
 - ``AutoLink``: forward, falling back to reverse once if the node refuses ssh.
 
 A link tells the session what happens by posting events (TunnelLost, TunnelUp, Failed).
@@ -22,11 +25,11 @@ from . import probes, process
 from .backend import JobState
 from .errors import SpunnelError, TunnelError, UsageError
 from .machine import Event, Failed, TunnelLost, TunnelUp
+from .ports import Ports
 from .protocol import EXITED, TUNNEL, NodeEvent, reverse_command
-from .relay import Relay
 from .settings import SessionSettings
-from .state import CONTROL_PATH, TUNNEL_SOCKET, StateDir
-from .tunnel import PortPair, Tunnel, pair_forward
+from .state import CONTROL_PATH, StateDir
+from .tunnel import PortPair, Tunnel
 
 
 @dataclass
@@ -35,6 +38,7 @@ class LinkContext:
 
     settings: SessionSettings
     state: StateDir
+    ports: Ports
     port: int
     token: str
     tunnels: list[PortPair]  # the session's extra pairs (runtime forwards change this list)
@@ -54,9 +58,6 @@ class Link:
         self.ctx = ctx
         self.node = ""
 
-    def prepare(self) -> None:
-        """Before the job is submitted."""
-
     def node_started(self, node: str, socket: str) -> None:
         """The job runs on ``node``; Jupyter is starting behind ``socket``."""
         self.node = node
@@ -64,6 +65,15 @@ class Link:
     async def connect(self, node: str, socket: str) -> None:
         """Jupyter listens on ``socket``: build the tunnel until the URL answers (TunnelError)."""
         raise NotImplementedError
+
+    async def build(self, node: str, socket: str) -> None:
+        """``connect``, then tell the session: TunnelUp, or Failed with why."""
+        try:
+            await self.connect(node, socket)
+        except SpunnelError as e:
+            self.ctx.post(Failed(e))
+            return
+        self.ctx.post(TunnelUp())
 
     def heard(self, event: NodeEvent) -> None:
         """A node event about the tunnel (reverse mode) or the launcher's exit."""
@@ -78,13 +88,21 @@ class Link:
             raise UsageError(f"{pair} is not forwarded", "see `spunnel-notebook status`")
         if not cancel and (known or pair.local == self.ctx.port):
             raise UsageError(f"port {pair.local} is already forwarded", "pick another")
-        if not cancel and self.runtime_forwards:
-            probes.check_free(pair.local, "forward")
-        await self.forward(pair, cancel)
+        if not self.runtime_forwards:
+            await self.forward(pair, cancel)  # refuses
+        ports = self.ctx.ports
         if cancel:
+            await self.forward(pair, cancel)
+            ports.remove(pair)
             self.ctx.tunnels.remove(pair)
-        else:
-            self.ctx.tunnels.append(pair)
+            return
+        ports.add(pair)  # binding is the check that the port is free: no race
+        try:
+            await self.forward(pair, cancel)
+        except BaseException:
+            ports.remove(pair)
+            raise
+        self.ctx.tunnels.append(pair)
 
     async def forward(self, pair: PortPair, cancel: bool) -> None:
         raise UsageError(
@@ -124,20 +142,9 @@ class ForwardLink(Link):
     def __init__(self, ctx: LinkContext) -> None:
         super().__init__(ctx)
         self.socket = ""
-        self.relay: Relay | None = None
         self.tunnel: Tunnel | None = None
         self._tasks: list[asyncio.Future[Any]] = []
         self._master: asyncio.Future[None] | None = None
-
-    def prepare(self) -> None:
-        # Bound before submitting: a taken port costs no job, and stays ours from here on.
-        try:
-            self.relay = Relay(self.ctx.port, str(self.ctx.state.file(TUNNEL_SOCKET)))
-        except OSError as e:
-            raise UsageError(
-                f"local port {self.ctx.port} cannot be bound on this host: {e.strerror}",
-                "pick another port, or leave --port out to get a free one",
-            ) from e
 
     def node_started(self, node: str, socket: str) -> None:
         # The master connects while Jupyter starts: its -L to the socket is used only once a
@@ -160,8 +167,7 @@ class ForwardLink(Link):
 
     async def _open_master(self) -> None:
         """Start the ControlMaster with all forwards; return once ``-O check`` says it is up."""
-        assert self.relay is not None
-        forwards = [f"{self.relay.target}:{self.socket}", *map(pair_forward, self.ctx.tunnels)]
+        forwards = self.ctx.ports.forwards(self.socket, self.ctx.tunnels)
         self.tunnel = await self.ctx.settings.tunnel.open(
             self.node, self.ctx.state.file(CONTROL_PATH), forwards, self.ctx.log
         )
@@ -219,18 +225,13 @@ class ForwardLink(Link):
 
     async def forward(self, pair: PortPair, cancel: bool) -> None:
         assert self.tunnel is not None
-        await self.tunnel.forward(pair_forward(pair), cancel=cancel)
+        await self.tunnel.forward(self.ctx.ports.pair_forward(pair), cancel=cancel)
 
     async def close(self, grace: float) -> None:
         for task in self._tasks:
             task.cancel()
-        try:
-            if self.tunnel is not None:
-                await self.tunnel.close(grace=grace)
-        finally:
-            if self.relay is not None:
-                self.relay.close()
-                self.relay = None
+        if self.tunnel is not None:
+            await self.tunnel.close(grace=grace)
 
     def pids(self) -> dict[str, Any]:
         if self.tunnel is None:
@@ -252,7 +253,9 @@ class ReverseLink(Link):
         """Ask the launcher to dial back; return once Jupyter answers here."""
         self.node = node
         ssh = self.ctx.settings.tunnel
-        self.ctx.send_to_node(reverse_command(ssh.reverse_plan(self.ctx.port, self.ctx.tunnels)))
+        self.ctx.ports.clear_stale()  # sshd binds our sockets: a dead ssh's must go first
+        forwards = self.ctx.ports.forwards("{socket}", self.ctx.tunnels)
+        self.ctx.send_to_node(reverse_command(ssh.reverse_plan(forwards)))
         up = asyncio.ensure_future(self._up.wait())
         gave_up = asyncio.ensure_future(self._gave_up.wait())
         try:
@@ -280,6 +283,7 @@ class ReverseLink(Link):
             self._up.set()
         elif event.kind == TUNNEL and event.get("state") == "lost":
             self._said = event.get("message", "")
+            self.ctx.ports.clear_stale()  # so that the node's next ssh -R can bind them
             if self._up.is_set():
                 self.ctx.post(TunnelLost(f"the reverse tunnel from {self.node} was lost"))
 
@@ -301,9 +305,6 @@ class AutoLink(Link):
     def runtime_forwards(self) -> bool:  # type: ignore[override]
         return self.active.runtime_forwards
 
-    def prepare(self) -> None:
-        self.first.prepare()
-
     def node_started(self, node: str, socket: str) -> None:
         self.first.node_started(node, socket)
 
@@ -311,7 +312,7 @@ class AutoLink(Link):
         try:
             await self.first.connect(node, socket)
         except TunnelError as e:
-            await self.first.close(grace=0.5)  # the login host's sshd binds the port in reverse
+            await self.first.close(grace=0.5)  # the ports stay ours: sshd serves their sockets
             self.active = self.fallback
             self.ctx.announce(
                 f"{e.message}; falling back to reverse mode "

@@ -1,13 +1,10 @@
 """A session: one allocation + Jupyter on its first node + the tunnel, owned by one supervisor.
 
-Made by ``SpunnelManager.start`` (manager.py); runs its whole life in the supervisor's event loop
-(the terminal's ``spunnel-notebook``, or the JupyterLab server). Its life is the state machine of
-machine.py, and ``handle`` is the one place that decides what each event does in each phase. Its
-collaborators own their own state: the node channel (srun and the launcher, channel.py), the link
-(the tunnel strategy, links.py) and the control server (control.py).
-
-Teardown runs whatever ended the session, exactly once, every step bounded by ``stop_timeout``:
-close the tunnel and end the job, wait until it left the queue, remove the record, unlock.
+Made by ``SpunnelManager.start``; lives in the supervisor's event loop (a terminal's
+``spunnel-notebook`` or a JupyterLab server). Its life is machine.py's state machine; ``handle`` is
+the one place that decides what each event does in each phase. Collaborators own their state: the
+node channel (channel.py), the ports (ports.py), the link (links.py), the control server
+(control.py). Teardown runs whatever ended the session, exactly once, every step bounded.
 """
 
 from __future__ import annotations
@@ -25,7 +22,14 @@ from . import probes, process
 from .backend import JobState
 from .channel import NodeChannel
 from .control import ControlServer
-from .errors import ExitCode, JupyterError, SlurmLost, SpunnelError, StateError, UsageError
+from .errors import (
+    ExitCode,
+    JupyterError,
+    SlurmLost,
+    SpunnelError,
+    StateError,
+    UsageError,
+)
 from .fields import SessionRequest
 from .links import LinkContext, make_link
 from .machine import (
@@ -46,6 +50,7 @@ from .machine import (
     TunnelUp,
     check_move,
 )
+from .ports import Ports
 from .protocol import (
     READY,
     STARTED,
@@ -64,7 +69,6 @@ from .state import (
     LAST,
     LOG,
     RECORD,
-    TUNNEL_SOCKET,
     UNCANCELLED,
     StateDir,
     hostname,
@@ -112,10 +116,14 @@ class Session:
         self._save_failed = False
         self._log = state.open_log(LOG, keep=settings.logs_kept)
         self.channel = NodeChannel(settings, self._log, self._post)
+        loop = asyncio.get_event_loop()  # relays post from their threads
+        self.ports = Ports(
+            state, self.port, self._log, lambda e: loop.call_soon_threadsafe(self._post, e)
+        )
         self.link = make_link(
             req.tunnel_mode or settings.tunnel.mode,
-            LinkContext(settings, state, self.port, self.token, req.tunnels, self._log,
-                        self._post, self.announce, self.channel.send),
+            LinkContext(settings, state, self.ports, self.port, self.token, req.tunnels,
+                        self._log, self._post, self.announce, self.channel.send),
         )  # fmt: skip
         self.control = ControlServer(state.file(CONTROL), self._on_control)
 
@@ -170,7 +178,7 @@ class Session:
         """Bind the port, open the control socket, submit. Nothing is left behind if it fails."""
         s = self.settings
         try:
-            self.link.prepare()
+            self.ports.bind(self.req.tunnels)  # before submitting: a taken port costs no job
             await self.control.start()
             self._save()  # before srun: a supervisor killed right now leaves enough to clean up
             options = self.req.srun_options()
@@ -186,6 +194,7 @@ class Session:
             self.control.close()
             await self.channel.abort(job_tag(self.id))  # submitted, then interrupted or failed
             await self.link.close(grace=0.5)
+            self.ports.close()
             self.channel.close()
             self.state.remove(RECORD, CONTROL)
             self._log.close()
@@ -257,7 +266,7 @@ class Session:
             self.link.node_started(self.node, event.get("socket", ""))
         elif event.kind == READY and self.phase is Phase.STARTING:
             self.times["jupyter_ready"] = time.time()
-            self._spawn(self._connect(event.get("socket", "")))
+            self._spawn(self.link.build(self.node, event.get("socket", "")))
 
     def _running(self, job_id: int | None) -> None:
         if self.phase is Phase.PENDING:
@@ -266,8 +275,7 @@ class Session:
             self._spawn(self._bound_starting())
 
     async def _bound_starting(self) -> None:
-        """STARTING ends within a bound even if the node falls silent (the launcher bounds
-        Jupyter's start itself; this bounds everything, the tunnel and its fallback included)."""
+        """STARTING ends within a bound, the tunnel and its fallback included."""
         s, ssh = self.settings, self.settings.tunnel
         bound = s.start_timeout + ssh.adopt_retry_timeout + 2 * ssh.connect_timeout
         await asyncio.sleep(bound + ssh.reconnect_timeout + 10.0)
@@ -276,14 +284,6 @@ class Session:
                 f"the session did not become ready within {bound:g} s of the job starting",
                 f"see {self._log.name}",
             )))  # fmt: skip
-
-    async def _connect(self, socket: str) -> None:
-        try:
-            await self.link.connect(self.node, socket)
-        except SpunnelError as e:
-            self._post(Failed(e))
-            return
-        self._post(TunnelUp())
 
     def _ready(self) -> None:
         self.tunnel_mode = self.link.mode
@@ -310,8 +310,7 @@ class Session:
 
     # -- teardown ----------------------------------------------------------------------------
     async def _teardown(self) -> None:
-        """Close the tunnel and end the job, then wait until it left the queue. Every step
-        bounded."""
+        """Close the tunnel and end the job, until it left the queue; every step bounded."""
         self._set(phase=Phase.ENDING)
         started = time.monotonic()
         self.control.close()
@@ -351,7 +350,8 @@ class Session:
         self._set(phase=Phase.ENDED, save=False, notify=False)
         with contextlib.suppress(OSError):
             self.state.write(self.record().to_json(), LAST)
-        self.state.remove(RECORD, CONTROL, CONTROL_PATH, TUNNEL_SOCKET)
+        self.ports.close()  # and their sockets
+        self.state.remove(RECORD, CONTROL, CONTROL_PATH)
         self.channel.close()
         self._log.close()
         self.state.unlock()

@@ -78,11 +78,6 @@ def parse_port_pairs(text: str) -> list[PortPair]:
     return pairs
 
 
-def pair_forward(pair: PortPair) -> str:
-    """The -L spec of a port pair: login 127.0.0.1:local -> the node's own localhost:remote."""
-    return f"127.0.0.1:{pair.local}:localhost:{pair.remote}"
-
-
 class SshTunnel(LoggingConfigurable):
     """How to run ssh between the login host and the node. One instance serves every session.
 
@@ -181,10 +176,9 @@ class SshTunnel(LoggingConfigurable):
     def control(self, host: str, control_path: Path | str, op: str) -> list[str]:
         return [*self.ssh_command, "-S", str(control_path), "-O", op, *self.ssh_options, host]
 
-    def reverse_plan(self, port: int, pairs: Sequence[PortPair]) -> dict[str, object]:
-        """What the launcher needs to dial back: argvs with ``{socket}``/``{ctl}`` to fill in."""
-        forwards = [f"127.0.0.1:{port}:{{socket}}"]
-        forwards += [pair_forward(p) for p in pairs]
+    def reverse_plan(self, forwards: Sequence[str]) -> dict[str, object]:
+        """What the launcher needs to dial back with these ``-R`` forwards: argvs with
+        ``{socket}``/``{ctl}`` for it to fill in."""
         host = self.reverse_host
         return {
             "argv": self.argv(host, "{ctl}", forwards, flag="-R"),

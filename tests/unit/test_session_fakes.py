@@ -567,7 +567,9 @@ def test_auto_mode_falls_back_to_reverse_when_the_node_refuses_ssh(fake):
     forward, reverse = fake.ssh_calls("master")
     assert "-L" in forward["argv"] and forward["argv"][-1] == s.node
     port = urlparse(s.url).port
-    assert f"127.0.0.1:{port}:" in " ".join(reverse["argv"]) and reverse["argv"][-1] == "login1"
+    # The port stayed the supervisor's own through the fallback: sshd serves its Unix socket.
+    assert f"{m.state().file('tunnel.sock')}:" in " ".join(reverse["argv"])
+    assert reverse["argv"][-1] == "login1" and port == s.port
     assert fake.events("refused", prog="ssh")[0]["direction"] == "forward"
     fake.assert_clean(m)
 
