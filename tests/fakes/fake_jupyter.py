@@ -9,6 +9,10 @@ it); ``Authorization: token T`` or ``?token=T`` authenticates.
     GET  /lab, /tree         200 with the token, else 403
     POST /api/shutdown       200, then exit 0 (what File > Shut Down does)
     POST /fake/crash?code=K  200, then exit K at once (a crash after ready; ?signal=N: killed)
+    POST /fake/print?line=N&then=M  200, then print (on another thread) one line of N bytes
+                             that holds the token every 10000 bytes, then M bytes of ordinary
+                             lines that hold it too (what a chatty kernel's output does); see
+                             ``flood``
     GET  /fake/echo          200, the request's headers as JSON
 
 Modes (--Fake.mode):
@@ -38,6 +42,31 @@ from urllib.parse import parse_qs, urlparse
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import log_call, log_event
+
+_stdout = threading.Lock()  # one writer at a time: a long line is never cut by a log line
+
+
+def flood(token: str, line: int, then: int) -> bytes:
+    """What POST /fake/print?line=N&then=M prints: a line of N bytes (newline included) that
+    holds ``token`` every 10000 bytes, then about M bytes of 100-byte lines that hold it too."""
+    parts = []
+    if line:
+        head = b"FLOOD-LINE "
+        body = bytearray(b"x" * (line - len(head) - 1))
+        for at in range(0, len(body) - len(token), 10000):
+            body[at : at + len(token)] = token.encode()
+        parts.append(head + bytes(body) + b"\n")
+    for n in range(then // 100):
+        text = f"[I fake-jupyter] ordinary line {n:06d} token={token} "
+        parts.append(text.encode().ljust(99, b".") + b"\n")
+    parts.append(b"FLOOD-END\n")
+    return b"".join(parts)
+
+
+def _print_flood(data: bytes) -> None:
+    with _stdout:
+        while data:
+            data = data[os.write(1, data) :]
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -80,11 +109,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         url = urlparse(self.path)
-        if url.path not in ("/api/shutdown", "/fake/crash"):
+        if url.path not in ("/api/shutdown", "/fake/crash", "/fake/print"):
             self._answer(404, {"message": "Not Found"})
             return
         if not self._authorized():
             self._answer(403, {"message": "Forbidden"})
+            return
+        if url.path == "/fake/print":
+            query = parse_qs(url.query)
+            sizes = (int(query.get("line", ["0"])[0]), int(query.get("then", ["0"])[0]))
+            self._answer(200, {"message": "printing"})
+            data = flood(self.server.token, *sizes)
+            threading.Thread(target=_print_flood, args=(data,), daemon=True).start()
+            log_event("jupyter", "flood", bytes=len(data))
             return
         self._answer(200, {"message": "bye"})
         if url.path == "/fake/crash":
@@ -98,8 +135,9 @@ class Handler(BaseHTTPRequestHandler):
         self.server.exiting.set()
 
     def log_message(self, format: str, *args: Any) -> None:
-        sys.stdout.write("[I fake-jupyter] " + (format % args) + "\n")
-        sys.stdout.flush()
+        with _stdout:
+            sys.stdout.write("[I fake-jupyter] " + (format % args) + "\n")
+            sys.stdout.flush()
 
 
 def main(argv: list[str]) -> int:

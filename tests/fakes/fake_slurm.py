@@ -8,6 +8,11 @@ Switches (files in $FAKE_SLURM_DIR/ctl, see cluster.py):
   srun_quiet        srun says nothing about the queue (like a real immediate allocation)
   kill_wait         seconds between SIGTERM and SIGKILL when Slurm ends a step (default 2)
   srun_ignore_signals  signal names srun neither forwards nor acts on (e.g. SIGUSR1)
+  munge_down        every command fails as when munged is not running (authentication error)
+  job_end_lost      a job srun ends stays RUNNING: the controller (away) never heard it ended
+  slurm_delay       seconds scontrol, squeue, sinfo and scancel take before they answer (a
+                    slow controller, or a hung one: more than SlurmCLI.timeout)
+  srun_queue_delay  seconds between srun queueing its job and saying so (and naming it)
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ from common import (
 )
 
 UNREACHABLE = "Unable to contact slurm controller (connect failure)"
+AUTH_ERROR = "Protocol authentication error"
+
+
+def munge_down(prog: str) -> bool:
+    """With the munge_down switch: say what a Slurm command says without munged; True."""
+    if flag("munge_down") is None:
+        return False
+    eprint(f'{prog}: error: Munge encode failed: Failed to access "/run/munge/munge.socket.2": '
+           "No such file or directory (retrying ...)")  # fmt: skip
+    eprint(f"{prog}: error: slurm_send_node_msg: auth_g_create: authentication error")
+    return True
+
+
 # srun options that take their value as the next word.
 _VALUE_OPTIONS = {
     "-p": "partition", "-t": "time", "-c": "cpus-per-task", "-J": "job-name", "-A": "account",
@@ -116,6 +134,7 @@ class Srun:
             node="", time_limit=limit, end_time=None, srun_pid=os.getpid(), task_pid=None,
         )  # fmt: skip
         self.job_id = job["job_id"]
+        time.sleep(float(flag("srun_queue_delay") or 0))
         talk = hold is not None or flag("srun_quiet") is None
         if talk:
             eprint(f"srun: job {self.job_id} queued and waiting for resources")
@@ -207,6 +226,9 @@ class Srun:
             eprint(f"srun: error: {node}: task 0: {what}")
         elif code > 0:
             eprint(f"srun: error: {node}: task 0: Exited with exit code {code}")
+        if flag("job_end_lost") is not None:
+            log_event("srun", "job_end_lost", job=n, exit_code=code)
+            return code if code >= 0 else 128 - code
         final = "COMPLETED" if code == 0 else "FAILED"
         if update_job(n, only_if=("RUNNING",), state=final, end_time=time.time()) is None:
             update_job(n, end_time=time.time())  # CANCELLED or TIMEOUT: keep it
@@ -251,6 +273,9 @@ def srun(argv: list[str]) -> int:
     if flag("controller_down") is not None:
         eprint(f"srun: error: Unable to allocate resources: {UNREACHABLE}")
         return 1
+    if munge_down("srun"):
+        eprint(f"srun: error: Unable to allocate resources: {AUTH_ERROR}")
+        return 1
     refusal = flag("srun_refuse")
     if refusal is not None:
         eprint("srun: error: Unable to allocate resources: "
@@ -262,12 +287,16 @@ def srun(argv: list[str]) -> int:
 
 def scontrol(argv: list[str]) -> int:
     log_call("scontrol", argv)
+    time.sleep(float(flag("slurm_delay") or 0))
     words = [a for a in argv if not a.startswith("-")]
     if words[:2] != ["show", "job"] or len(words) != 3 or not words[2].isdigit():
         eprint(f"fake scontrol: only `scontrol --local -o show job N`, not {argv}")
         return 2
     if flag("controller_down") is not None:
         eprint(f"slurm_load_jobs error: {UNREACHABLE}")
+        return 1
+    if munge_down("scontrol"):
+        eprint(f"slurm_load_jobs error: {AUTH_ERROR}")
         return 1
     job = read_job(int(words[2]))
     if job is None or job.get("purged"):
@@ -307,8 +336,12 @@ def _option(argv: list[str], *names: str) -> str | None:
 
 def squeue(argv: list[str]) -> int:
     log_call("squeue", argv)
+    time.sleep(float(flag("slurm_delay") or 0))
     if flag("controller_down") is not None:
         eprint(f"slurm_load_jobs error: {UNREACHABLE}")
+        return 1
+    if munge_down("squeue"):
+        eprint(f"slurm_load_jobs error: {AUTH_ERROR}")
         return 1
     user = _option(argv, "-u", "--user")
     node = _option(argv, "-w", "--nodelist")
@@ -333,8 +366,12 @@ def squeue(argv: list[str]) -> int:
 
 def sinfo(argv: list[str]) -> int:
     log_call("sinfo", argv)
+    time.sleep(float(flag("slurm_delay") or 0))
     if flag("controller_down") is not None:
         eprint(f"slurm_load_partitions: {UNREACHABLE}")
+        return 1
+    if munge_down("sinfo"):
+        eprint(f"slurm_load_partitions: {AUTH_ERROR}")
         return 1
     fmt = _option(argv, "-o", "--format") or "%P %a %l %D %N"
     for part in partitions():
@@ -348,10 +385,15 @@ def sinfo(argv: list[str]) -> int:
 
 def scancel(argv: list[str]) -> int:
     log_call("scancel", argv)
+    time.sleep(float(flag("slurm_delay") or 0))
     ids = [int(a) for a in argv if a.isdigit()]
     if flag("controller_down") is not None:
         for n in ids:
             eprint(f"scancel: error: Kill job error on job id {n}: {UNREACHABLE}")
+        return 1
+    if munge_down("scancel"):
+        for n in ids:
+            eprint(f"scancel: error: Kill job error on job id {n}: {AUTH_ERROR}")
         return 1
     code = 0
     for n in ids:
