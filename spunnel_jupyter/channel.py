@@ -182,6 +182,8 @@ class NodeChannel:
             if exit_.get("code") == 0:
                 return Outcome("Jupyter was shut down (from its own menu or API)")
             raise _crashed(exit_.get("code"), node, ready, where)
+        if job_id is None and code < 0:  # killed before Slurm named the job: nothing refused it
+            raise SlurmLost(f"srun ended ({_how(code)}) before Slurm named the job", where)
         if job_id is None:
             raise slurm.classify_error(said or f"srun exited with code {code}")
         state = (await slurm.job(job_id)).state

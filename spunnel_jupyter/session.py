@@ -278,7 +278,8 @@ class Session:
         """STARTING ends within a bound, the tunnel and its fallback included."""
         s, ssh = self.settings, self.settings.tunnel
         bound = s.start_timeout + ssh.adopt_retry_timeout + 2 * ssh.connect_timeout
-        await asyncio.sleep(bound + ssh.reconnect_timeout + 10.0)
+        bound += ssh.reconnect_timeout + 10.0
+        await asyncio.sleep(bound)
         if self.phase is Phase.STARTING:
             self._post(Failed(JupyterError(
                 f"the session did not become ready within {bound:g} s of the job starting",
@@ -340,8 +341,8 @@ class Session:
             job = f"job {self.job_id}" if self.job_id else "the job"
             raise SpunnelError(
                 f"{job} may still be in the queue: Slurm did not confirm its end "
-                f"({e or 'no answer'}); it is cancelled at your next start or `spunnel-notebook "
-                "stop`, or run scancel yourself"
+                f"({str(e) or 'no answer'}); it is cancelled at your next start or "
+                "`spunnel-notebook stop`, or run scancel yourself"
             ) from e
         self.job_gone = True
 

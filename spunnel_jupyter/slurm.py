@@ -32,6 +32,9 @@ _UNREACHABLE = (
     "Connection refused",
     "Communication connection failure",
 )
+# Fragments that mean "this host cannot authenticate to Slurm" (munge down), not "refused".
+_AUTH_BROKEN = ("Munge encode failed", "Munge decode failed", "auth/munge",
+                "Protocol authentication error", "Invalid authentication credential")  # fmt: skip
 # srun's immediate rejections of a request, mapped to what the user should change.
 _REJECTIONS = [
     ("Invalid partition name", "unknown partition", "pick one from `sinfo -s`"),
@@ -61,6 +64,11 @@ _REJECTIONS = [
 def classify_error(stderr: str) -> SpunnelError:
     """Turn a Slurm command's stderr into the error the user should see."""
     text = " ".join(line.strip() for line in stderr.splitlines() if line.strip())
+    if any(fragment in text for fragment in _AUTH_BROKEN):
+        return SlurmUnavailable(
+            "Slurm's authentication (munge) does not work on this host",
+            "try again in a minute; if it persists, tell your administrators (is munged running?)",
+        )
     if any(fragment in text for fragment in _UNREACHABLE):
         return SlurmUnavailable(
             "the Slurm controller does not answer",

@@ -155,14 +155,6 @@ def test_teardown_slurm_cannot_confirm_is_bounded_and_the_next_start_cancels_the
     fake.assert_clean(m)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="munge down is told as a refusal: the start fails with SlurmRejected('Slurm refused the "
-    "request: Munge encode failed: ...', remedy 'check the options you passed') instead of "
-    "SlurmUnavailable (classify_error knows no authentication error); a teardown's note says the "
-    "same ('Slurm did not confirm its end (Slurm refused the request: Munge ... (check the options "
-    "you passed))')",
-)
 def test_munge_down_is_told_as_slurm_unavailable_not_as_a_refusal(fake):
     fake.switch("munge_down")
     m = SpunnelManager(config=fake.config())
@@ -173,12 +165,6 @@ def test_munge_down_is_told_as_slurm_unavailable_not_as_a_refusal(fake):
     assert isinstance(err.value, SlurmUnavailable) and err.value.exit_code == ExitCode.SLURM
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a controller that never answers: the teardown's wait_for(end_job, stop_timeout + 1) "
-    "times out and the note reads 'Slurm did not confirm its end ()' (str(TimeoutError()) is '' "
-    "and `e or 'no answer'` keeps the exception, which is truthy)",
-)
 def test_teardown_note_says_why_when_the_controller_never_answers(fake):
     m = SpunnelManager(config=fake.config(SpunnelManager=TEARDOWN))
 
@@ -367,6 +353,7 @@ def test_a_node_that_starts_but_never_gets_ready_is_ended_from_the_login_side(fa
     )
     m = SpunnelManager(config=config)
     bound = start_timeout + ssh["adopt_retry_timeout"] + 2 * ssh["connect_timeout"]
+    bound += ssh["reconnect_timeout"] + 10.0  # the message names the whole bound it waited
 
     async def scenario():
         s = await start(m)
@@ -381,8 +368,8 @@ def test_a_node_that_starts_but_never_gets_ready_is_ended_from_the_login_side(fa
     assert (
         outcome.reason == f"the session did not become ready within {bound:g} s of the job starting"
     )
-    # The login side waits its bound plus the reconnect timeout and 10 s of slack, then tears down.
-    assert bound <= took < bound + ssh["reconnect_timeout"] + 10.0 + 2.0
+    # The login side waits its whole bound, then tears down.
+    assert bound <= took < bound + 2.0
     assert s.url == ""
     fake.assert_clean(m)
 
@@ -517,12 +504,6 @@ def test_srun_killed_while_pending_is_a_clear_error_and_the_job_is_cancelled(fak
     fake.assert_clean(m)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="srun SIGKILLed after queueing its job but before naming it: the job is found by its "
-    "tag and cancelled, but the session ends with SlurmRejected('Slurm refused the request: srun "
-    "exited with code -9', remedy 'check the options you passed'): Slurm refused nothing",
-)
 def test_srun_killed_before_it_named_its_pending_job_is_a_clear_error(fake):
     fake.hold("Priority")
     fake.switch("srun_queue_delay", "3")  # the job is queued; srun has not said so yet
