@@ -285,6 +285,18 @@ def srun(argv: list[str]) -> int:
     return Srun(opts, command).run()
 
 
+def _controller_refuses(name: str, prefix: str) -> bool:
+    """What a Slurm client prints when the controller is away or munge is down; True if so."""
+    if flag("controller_down") is not None:
+        reason = UNREACHABLE
+    elif munge_down(name):
+        reason = AUTH_ERROR
+    else:
+        return False
+    eprint(f"{prefix}{reason}")
+    return True
+
+
 def scontrol(argv: list[str]) -> int:
     log_call("scontrol", argv)
     time.sleep(float(flag("slurm_delay") or 0))
@@ -292,11 +304,7 @@ def scontrol(argv: list[str]) -> int:
     if words[:2] != ["show", "job"] or len(words) != 3 or not words[2].isdigit():
         eprint(f"fake scontrol: only `scontrol --local -o show job N`, not {argv}")
         return 2
-    if flag("controller_down") is not None:
-        eprint(f"slurm_load_jobs error: {UNREACHABLE}")
-        return 1
-    if munge_down("scontrol"):
-        eprint(f"slurm_load_jobs error: {AUTH_ERROR}")
+    if _controller_refuses("scontrol", "slurm_load_jobs error: "):
         return 1
     job = read_job(int(words[2]))
     if job is None or job.get("purged"):
@@ -337,11 +345,7 @@ def _option(argv: list[str], *names: str) -> str | None:
 def squeue(argv: list[str]) -> int:
     log_call("squeue", argv)
     time.sleep(float(flag("slurm_delay") or 0))
-    if flag("controller_down") is not None:
-        eprint(f"slurm_load_jobs error: {UNREACHABLE}")
-        return 1
-    if munge_down("squeue"):
-        eprint(f"slurm_load_jobs error: {AUTH_ERROR}")
+    if _controller_refuses("squeue", "slurm_load_jobs error: "):
         return 1
     user = _option(argv, "-u", "--user")
     node = _option(argv, "-w", "--nodelist")
@@ -367,11 +371,7 @@ def squeue(argv: list[str]) -> int:
 def sinfo(argv: list[str]) -> int:
     log_call("sinfo", argv)
     time.sleep(float(flag("slurm_delay") or 0))
-    if flag("controller_down") is not None:
-        eprint(f"slurm_load_partitions: {UNREACHABLE}")
-        return 1
-    if munge_down("sinfo"):
-        eprint(f"slurm_load_partitions: {AUTH_ERROR}")
+    if _controller_refuses("sinfo", "slurm_load_partitions: "):
         return 1
     fmt = _option(argv, "-o", "--format") or "%P %a %l %D %N"
     for part in partitions():
