@@ -199,6 +199,12 @@ class NodeChannel:
                 f"srun ended ({_how(code)}) while job {job_id} still ran; the job is cancelled",
                 f"start a new session; {where}",
             )
+        if self.node_exit is None:  # the launcher always says why it ends, unless it was killed
+            raise JupyterError(
+                f"the launcher on {node or 'the node'} ended without a word (killed?), and "
+                f"Jupyter with it; job {job_id} ended ({state.value})",
+                where,
+            )
         return Outcome(f"job {job_id} ended ({state.value}; srun exit {code})")
 
     async def stop(self, grace: float) -> bool:

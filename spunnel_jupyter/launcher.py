@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -53,6 +55,33 @@ def _fill(value: Any, **names: str) -> Any:
     if isinstance(value, dict):
         return {k: _fill(v, **names) for k, v in value.items()}
     return value
+
+
+def hold(rundir: Path) -> int:
+    """Lock ``rundir/.held`` for this launcher's life (the kernel drops it however we die): a
+    directory whose lock is free belongs to a launcher that is gone."""
+    fd = os.open(rundir / ".held", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def remove_stale(base: str) -> list[str]:
+    """Remove our runtime directories whose launcher is gone (killed with SIGKILL, so it could
+    not clean up: Jupyter's token file would stay behind). Returns what was removed."""
+    removed = []
+    for path in Path(base).glob("spunnel.*"):
+        with contextlib.suppress(OSError):
+            st = path.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                continue
+            fd = os.open(path / ".held", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its launcher is gone
+            finally:
+                os.close(fd)
+            shutil.rmtree(path)
+            removed.append(str(path))
+    return removed
 
 
 def make_runtime_dir(base: str, job_id: str, restart: str) -> Path:
@@ -130,12 +159,16 @@ class Launcher:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.add_signal_handler(sig, self._on_signal, sig)
         ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        for stale in remove_stale(self.base):  # told in the session log
+            sys.stderr.write(f"spunnel: removed {stale}, left on this node by a killed launcher\n")
         rundir = make_runtime_dir(self.base, self.job_id, self.restart)
+        held = hold(rundir)
         try:
             return await self._serve(rundir)
         finally:
             kill_leftovers()
             shutil.rmtree(rundir, ignore_errors=True)
+            os.close(held)
 
     async def _serve(self, rundir: Path) -> int:
         sock = rundir / "jupyter.sock"

@@ -128,3 +128,31 @@ def test_probing_the_lock_never_makes_a_start_fail(tmp_path):
         stop.set()
         prober.join()
     assert failures == 0
+
+
+def _launcher_holding(base, ready):
+    from spunnel_jupyter.launcher import hold
+
+    hold(make_runtime_dir(str(base), "7", "0"))
+    ready.set()
+    signal.pause()
+
+
+def test_a_killed_launchers_directory_is_removed_by_the_next_one(tmp_path):
+    from spunnel_jupyter.launcher import remove_stale
+
+    ready = multiprocessing.Event()
+    live = multiprocessing.Process(target=_launcher_holding, args=(tmp_path, ready))
+    live.start()
+    assert ready.wait(10)
+    killed = make_runtime_dir(str(tmp_path), "6", "0")
+    (killed / ".held").touch()  # its launcher took the lock, then died with SIGKILL
+    (killed / "runtime").mkdir()
+    unheld = make_runtime_dir(str(tmp_path), "5", "0")  # no lock file: being made, left alone
+    try:
+        assert remove_stale(str(tmp_path)) == [str(killed)]
+        assert not killed.exists() and (tmp_path / "spunnel.7.0").exists() and unheld.exists()
+    finally:
+        live.kill()
+        live.join()
+    assert remove_stale(str(tmp_path)) == [str(tmp_path / "spunnel.7.0")]  # now it is gone too
