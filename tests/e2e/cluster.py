@@ -128,9 +128,10 @@ def leftovers(user: str) -> list[str]:
         if re.search(r"ssh .*-M|srun |spunnel_jupyter|jupyter", cmd):
             problems.append(f"process {pid}: {cmd[:120]}")
     sdir = state_dir(user)
-    for name in ("session.json", "ctl", "control.sock"):
+    for name in ("session.json", "ctl", "control.sock", "uncancelled.json"):
         if (sdir / name).exists():
             problems.append(f"file left: {sdir / name}")
+    problems += [f"socket left: {path}" for path in sdir.glob("*.sock")]
     lock = sdir / "lock"
     if lock.exists():
         with open(lock) as f:
@@ -307,3 +308,11 @@ def start(user: str, *args: str, tty: bool = False, env_path: str = "", **env: s
 
 
 __all__ = ["signal"]
+
+
+def jobs_submitted() -> int:
+    """slurmctld's count of submitted jobs (sdiag), which any srun, even a refused one, moves."""
+    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"Jobs submitted:\s*(\d+)", out)
+    assert match, out
+    return int(match[1])

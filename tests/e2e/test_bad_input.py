@@ -9,7 +9,6 @@ test_http_api.py) and counted in the same way.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tempfile
@@ -17,16 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import as_user, leftovers, squeue
-
-
-def jobs_submitted() -> int:
-    """slurmctld's count of submitted jobs (sdiag), which any srun, even a refused one, moves."""
-    out = subprocess.run(["sdiag"], capture_output=True, text=True, check=True).stdout
-    match = re.search(r"Jobs submitted:\s*(\d+)", out)
-    assert match, out
-    return int(match[1])
-
+from .cluster import as_user, jobs_submitted, leftovers, squeue
 
 # (arguments, exit code, words the one error line must hold)
 CLI = [

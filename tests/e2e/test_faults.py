@@ -5,10 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
-from .cluster import squeue, start, state_dir, wait_clean
+import pytest
+
+from .cluster import (
+    as_user,
+    jobs_submitted,
+    procs_of,
+    squeue,
+    start,
+    state_dir,
+    uid,
+    wait_clean,
+)
+from .jupyter_client_util import execute
 
 
 def _started_event(user: str) -> dict:
@@ -32,15 +48,135 @@ def test_launcher_killed_is_told_and_its_node_directory_goes_at_the_next_start()
     finally:
         s.close()
     assert runtime.exists()  # what a killed launcher leaves, holding Jupyter's token file
+    _next_start_removes([runtime])
+    log = (state_dir("alice") / "session.log").read_text()
+    assert f"removed {runtime}, left on this node by a killed launcher" in log
+
+
+def _node_pid(pattern: str) -> int:
+    (pid,) = [pid for pid, cmd in procs_of("alice") if re.search(pattern, cmd)]
+    return pid
+
+
+def test_jupyter_killed_on_the_node_is_told_as_a_crash():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        os.kill(_node_pid(r"-m jupyter_server --ServerApp.sock="), signal.SIGKILL)  # as the OOM
+        assert s.finish(timeout=30) == 6, s.output
+        assert "was killed by SIGKILL" in s.output and "ask for more with --mem" in s.output
+    finally:
+        s.close()
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+def test_srun_killed_cancels_the_job_and_says_so():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        os.kill(s.record["srun_pid"], signal.SIGKILL)
+        assert s.finish(timeout=30) == 4, s.output
+        assert "srun ended (killed by SIGKILL)" in s.output and "the job is cancelled" in s.output
+    finally:
+        s.close()
+    _, left = wait_clean("alice", timeout=5)
+    # With srun gone, Slurm may kill the launcher before it cleans up on the node: that directory
+    # is named here, and the next start on the node removes it.
+    assert all(item.startswith("runtime dir left: ") for item in left), left
+    _next_start_removes([Path(item.split(": ", 1)[1]) for item in left])
+
+
+def _next_start_removes(runtime_dirs: list[Path]) -> None:
     again = start("alice", "-t", "10")
     try:
         again.wait_ready()
-        assert not runtime.exists()
-        log = (state_dir("alice") / "session.log").read_text()
-        assert f"removed {runtime}, left on this node by a killed launcher" in log
+        assert not any(path.exists() for path in runtime_dirs), runtime_dirs
         again.signal(signal.SIGINT)
         assert again.finish() == 130
     finally:
         again.close()
     _, left = wait_clean("alice", timeout=5)
     assert not left, left
+
+
+def test_a_megabyte_line_from_a_kernel_freezes_nothing():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        flood = "import os; os.write(1, b'x' * 1_000_000 + b'\\n' + b'y' * 100 + b'\\n' * 4000)"
+        execute(s.port, s.token, flood)
+        assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+        log = (state_dir("alice") / "session.log").read_text()
+        assert "x" * 1_000_000 in log and s.token not in log
+        s.signal(signal.SIGINT)
+        assert s.finish(timeout=10) == 130
+    finally:
+        s.close()
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+def test_status_hammering_never_makes_a_start_fail():
+    stop = threading.Event()
+    runs = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            runs.append(as_user("alice", ["spunnel-notebook", "status"]).returncode)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        for _ in range(3):
+            s = start("alice", "-t", "10")
+            try:
+                s.wait_ready()
+                s.signal(signal.SIGINT)
+                assert s.finish() == 130, s.output
+            finally:
+                s.close()
+    finally:
+        stop.set()
+        thread.join()
+    assert len(runs) >= 10 and set(runs) <= {0, 8}, runs  # a session, or none: never an error
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+@pytest.fixture
+def full_state_dir():
+    path = Path(tempfile.mkdtemp(prefix="sfull-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(path)],
+                   check=True)  # fmt: skip
+    try:
+        os.chown(path, uid("alice"), uid("alice"))
+        fill = ["dd", "if=/dev/zero", f"of={path}/filler", "bs=4k"]
+        subprocess.run(["runuser", "-u", "alice", "--", *fill], capture_output=True, check=False)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=False)
+        path.rmdir()
+
+
+def test_a_full_state_directory_refuses_the_start_and_submits_nothing(full_state_dir):
+    before = jobs_submitted()
+    result = as_user(
+        "alice", ["spunnel-notebook", "-t", "10"], SPUNNEL_STATE_DIR=str(full_state_dir)
+    )
+    assert result.returncode == 7, result
+    assert "cannot write the session record" in result.stderr, result.stderr
+    assert jobs_submitted() == before and squeue("alice") == []
+
+
+def test_a_state_directory_pre_created_by_another_user_is_refused():
+    path = state_dir("alice")
+    subprocess.run(["runuser", "-u", "bob", "--", "mkdir", "-m", "0777", str(path)], check=True)
+    try:
+        before = jobs_submitted()
+        result = as_user("alice", ["spunnel-notebook", "-t", "10"])
+        assert result.returncode == 7, result
+        assert f"belongs to uid {uid('bob')}" in result.stderr
+        assert jobs_submitted() == before
+    finally:
+        subprocess.run(["rm", "-rf", str(path)], check=True)
