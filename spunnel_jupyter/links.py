@@ -89,7 +89,10 @@ class Link:
         if not cancel and (known or pair.local == self.ctx.port):
             raise UsageError(f"port {pair.local} is already forwarded", "pick another")
         if not self.runtime_forwards:
-            await self.forward(pair, cancel)  # refuses
+            raise UsageError(
+                "forwards can be added at runtime in forward mode only",
+                "start the session with --tunnel SP:EP instead",
+            )
         ports = self.ctx.ports
         if cancel:
             await self.forward(pair, cancel)
@@ -105,13 +108,11 @@ class Link:
         self.ctx.tunnels.append(pair)
 
     async def forward(self, pair: PortPair, cancel: bool) -> None:
-        raise UsageError(
-            "forwards can be added at runtime in forward mode only",
-            "start the session with --tunnel SP:EP instead",
-        )
+        """Add (or cancel) the ssh forward of ``pair`` (links with ``runtime_forwards``)."""
+        raise NotImplementedError
 
     async def close(self, grace: float) -> None:
-        """Take the tunnel down and free the port (idempotent)."""
+        """Take the tunnel down (idempotent); the ports are the session's (ports.py)."""
 
     def pids(self) -> dict[str, Any]:
         return {}
