@@ -10,6 +10,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,74 @@ def test_a_state_directory_pre_created_by_another_user_is_refused():
         assert jobs_submitted() == before
     finally:
         subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+FLOOD = """
+import socket, sys
+held = []
+for _ in range(300):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5))
+    except OSError:
+        pass
+got = 0
+for s in held:
+    try:
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        got += len(s.recv(100))
+    except OSError:
+        pass
+print(len(held), got)
+"""
+
+
+def test_another_user_flooding_the_port_gets_nothing_and_stops_nothing():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        flood = as_user("bob", ["python3", "-c", FLOOD, str(s.port)], timeout=120)
+        assert flood.returncode == 0, flood
+        assert flood.stdout.split()[1] == "0"  # not one byte for bob
+        assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"  # alice's still works
+        log = (state_dir("alice") / "session.log").read_text()
+        assert log.count(f"from uid {uid('bob')}") >= 100
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+def test_ctrl_c_while_jupyter_starts():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_for(r"RUNNING on c1, starting Jupyter", timeout=60)
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130, s.output
+        assert "interrupted with Ctrl-C" in s.output
+    finally:
+        s.close()
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+def test_stop_racing_a_start_leaves_nothing():
+    left_dirs: list[Path] = []
+    for delay in (0.0, 0.3, 0.8):
+        s = start("alice", "-t", "10")
+        try:
+            time.sleep(delay)
+            stop = as_user("alice", ["spunnel-notebook", "stop"])
+            assert stop.returncode in (0, 8), stop  # stopped it, or it was not there yet
+            if stop.returncode == 8:
+                as_user("alice", ["spunnel-notebook", "stop"])  # again, now it runs
+            assert s.finish(timeout=30) in (0, 130), s.output
+        finally:
+            s.close()
+        _, left = wait_clean("alice", timeout=5)
+        # A launcher stopped while it starts may be killed before it cleans the node: named here,
+        # removed by the next start on the node.
+        assert all(item.startswith("runtime dir left: ") for item in left), (delay, left)
+        left_dirs += [Path(item.split(": ", 1)[1]) for item in left]
+    _next_start_removes(left_dirs)
