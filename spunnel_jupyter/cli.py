@@ -272,6 +272,10 @@ def make_manager(debug: bool) -> SpunnelManager:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING, format=f"{PROG}: %(message)s"
     )
+    if not debug:
+        # asyncio's own notes (a child reaped while a stop interrupted its spawn) are not the
+        # user's concern; --debug shows them.
+        logging.getLogger("asyncio").setLevel(logging.ERROR)
     manager = SpunnelManager(config=load_site_config(log))
     manager.log = log
     return manager
