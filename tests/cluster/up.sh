@@ -357,7 +357,8 @@ on_node() {
     ((rc == 0)) || die "$what failed (as $user, srun -p interact $*): $out" "/var/log/slurm/slurmd-$NODE.log"
 }
 if on_node root "the srun check" hostname; then
-    [[ $out == "$NODE" ]] || die "srun -p interact hostname printed '$out', expected '$NODE'"
+    # The last line: srun may first say it waits for a step (a user's job still on the node).
+    [[ ${out##*$'\n'} == "$NODE" ]] || die "srun -p interact hostname printed '$out', expected '$NODE'"
 fi
 
 # ---------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ that nothing is left on either host (or that what must outlive the fault is clea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -252,3 +253,68 @@ def test_stop_racing_a_start_leaves_nothing():
         assert all(item.startswith("runtime dir left: ") for item in left), (delay, left)
         left_dirs += [Path(item.split(": ", 1)[1]) for item in left]
     _next_start_removes(left_dirs)
+
+
+UP = Path(__file__).resolve().parents[1] / "cluster" / "up.sh"
+
+
+def _kill_daemon(pidfile: str) -> int:
+    pid = int(Path(pidfile).read_text().split()[0])
+    os.kill(pid, signal.SIGTERM)
+    return pid
+
+
+def _daemons_back(pid: int) -> None:
+    """Once the killed daemon is gone, up.sh starts whatever daemon of the test cluster is not
+    running (and only that)."""
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # up.sh's daemons may be our children's orphans
+        if "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+            break  # a zombie: gone for our purpose (its pidfile check sees it as dead)
+        time.sleep(0.1)
+    result = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_slurmctld_restarted_while_running_ends_nothing():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        daemon = _kill_daemon("/run/slurmctld.pid")
+        try:
+            time.sleep(3)  # the session asks about its job meanwhile: UNKNOWN is no ending
+            assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+            assert s.proc.poll() is None, s.output
+        finally:
+            _daemons_back(daemon)
+        assert execute(s.port, s.token, "print(7 * 6)").strip() == "42"
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130, s.output
+    finally:
+        s.close()
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+def test_munge_stopped_during_teardown_is_told_and_cleaned_by_stop():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        job = s.job_id
+        daemon = _kill_daemon("/run/munge/munged.pid")
+        try:
+            s.signal(signal.SIGINT)
+            assert s.finish(timeout=60) == 130, s.output
+            assert f"job {job} may still be in the queue" in s.output, s.output
+            assert (state_dir("alice") / "uncancelled.json").exists()
+        finally:
+            _daemons_back(daemon)
+    finally:
+        s.close()
+    stop = as_user("alice", ["spunnel-notebook", "stop"])
+    assert stop.returncode == 0 and f"cancelled job {job} left by an earlier session" in stop.stderr
+    _, left = wait_clean("alice", timeout=10)
+    assert all(item.startswith("runtime dir left: ") for item in left), left
+    _next_start_removes([Path(item.split(": ", 1)[1]) for item in left])
