@@ -226,7 +226,7 @@ def small_state_dir(fake):
         text=True,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs (the tests run as root): {mounted.stderr.strip()}")
     filler = fake.state_dir / "filler"
 
     def fill() -> None:
