@@ -80,8 +80,10 @@ class NodeChannel:
         self.srun: asyncio.subprocess.Process | None = None
         self.slurm_said: list[str] = []  # Slurm's own lines, for error messages
         self.node_exit: NodeEvent | None = None  # the launcher's last word, if it said one
+        self.lost = False  # srun ended while its job still ran: only scancel can end the job
         self._to_node: int | None = None
         self._tasks: list[asyncio.Future[Any]] = []
+        self._pids: dict[str, Any] = {}
 
     async def start(self, options: list[str], tag: str, launcher: LauncherSettings) -> None:
         """Submit: srun with the settings already in its stdin pipe (a write can then never race
@@ -103,6 +105,8 @@ class NodeChannel:
             raise
         finally:
             os.close(stdin)
+        # For the record (a later start kills a leftover srun only if pid and start time match).
+        self._pids = {"srun_pid": self.srun.pid, "srun_start": process.start_time(self.srun.pid)}
         readers = [self._read_events(self.srun.stdout), self._read_stderr(self.srun.stderr)]
         self._tasks = [asyncio.ensure_future(r) for r in readers]
         self._tasks.append(asyncio.ensure_future(self._wait_exit(self.srun, self._tasks[:2])))
@@ -195,6 +199,7 @@ class NodeChannel:
         if state in ENDINGS:
             return Outcome(f"job {job_id} {ENDINGS[state]}")
         if state.active:  # srun died (killed, crashed) while its job lives on: teardown ends it
+            self.lost = True
             raise SlurmLost(
                 f"srun ended ({_how(code)}) while job {job_id} still ran; the job is cancelled",
                 f"start a new session; {where}",
@@ -221,11 +226,11 @@ class NodeChannel:
             return False
         return True
 
-    async def end_step(self, job_id: int | None, srun_lost: bool) -> None:
+    async def end_step(self, job_id: int | None) -> None:
         """End srun and the step: SIGUSR1 (``stop``), else cancel and kill srun."""
         slurm, s = self.settings.slurm, self.settings
-        if srun_lost and job_id is not None:  # srun is gone: nothing else will end the job
-            with contextlib.suppress(SpunnelError):
+        if self.lost and job_id is not None:  # srun is gone: nothing else will end the job
+            with contextlib.suppress(SpunnelError, asyncio.TimeoutError):
                 await asyncio.wait_for(slurm.cancel(job_id), s.stop_timeout)
         if not await self.stop(grace=s.jupyter_stop_grace + 1.0):
             if job_id is not None:
@@ -238,7 +243,7 @@ class NodeChannel:
         """Undo a submission interrupted before the session began (Ctrl-C while starting)."""
         if self.srun is not None:
             with contextlib.suppress(Exception):
-                await self.end_step(None, srun_lost=False)
+                await self.end_step(None)
                 await asyncio.wait_for(self.end_job(None, tag), self.settings.stop_timeout + 1.0)
 
     async def end_job(self, job_id: int | None, tag: str) -> int | None:
@@ -267,9 +272,7 @@ class NodeChannel:
         return job_id
 
     def pids(self) -> dict[str, Any]:
-        if self.srun is None:
-            return {}
-        return {"srun_pid": self.srun.pid, "srun_start": process.start_time(self.srun.pid)}
+        return self._pids
 
     def close(self) -> None:
         """Close our end of srun's stdin and stop listening (idempotent)."""

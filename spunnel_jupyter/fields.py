@@ -131,23 +131,11 @@ def build_request(
     values: dict[str, Any] = {}
     for f in FIELDS:
         value = options.get(f.name)
-        if value in (None, "") and f.site_default:
-            value = defaults.get(f.name)
-            if f.kind is int and value == 0:
-                value = None  # a site default of 0 means "Slurm's default"
-            if value not in (None, ""):
-                try:
-                    check_value(f, value)
-                except UsageError as e:
-                    raise UsageError(
-                        f"the site's default {site(f.name)} is invalid: {e.message}",
-                        f"tell your administrators; meanwhile give {_flag(f)} yourself",
-                    ) from e
-        if value in (None, ""):
-            value = f.default
         if value not in (None, ""):
             check_value(f, value)
-        values[f.name] = value
+        elif f.site_default:
+            value = _site_default(f, defaults.get(f.name), site)
+        values[f.name] = f.default if value in (None, "") else value
     tunnels = parse_port_pairs(values["tunnels"]) if values["tunnels"] else []
     req = SessionRequest(
         slurm={f.name: values[f.name] for f in SLURM_FIELDS},
@@ -164,6 +152,19 @@ def build_request(
                 "use different login-side ports",
             )
     return req
+
+
+def _site_default(f: Field, value: Any, site: Callable[[str], str]) -> Any:
+    """The site's default for ``f``, checked; a bad one is blamed on the site's configuration."""
+    if value in (None, "") or (f.kind is int and value == 0):  # 0: "Slurm's default"
+        return None
+    try:
+        return check_value(f, value)
+    except UsageError as e:
+        raise UsageError(
+            f"the site's default {site(f.name)} is invalid: {e.message}",
+            f"tell your administrators; meanwhile give {_flag(f)} yourself",
+        ) from e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

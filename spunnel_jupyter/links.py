@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from . import probes, process
+from . import probes
 from .backend import JobState
 from .errors import SpunnelError, TunnelError, UsageError
 from .machine import Event, Failed, TunnelLost, TunnelUp
@@ -38,8 +38,7 @@ class LinkContext:
 
     settings: SessionSettings
     state: StateDir
-    ports: Ports
-    port: int
+    ports: Ports  # the session's ports; ``ports.port`` is the URL's
     token: str
     tunnels: list[PortPair]  # the session's extra pairs (runtime forwards change this list)
     log: IO[bytes]
@@ -86,7 +85,7 @@ class Link:
         known = pair in self.ctx.tunnels
         if cancel and not known:
             raise UsageError(f"{pair} is not forwarded", "see `spunnel-notebook status`")
-        if not cancel and (known or pair.local == self.ctx.port):
+        if not cancel and (known or pair.local == self.ctx.ports.port):
             raise UsageError(f"port {pair.local} is already forwarded", "pick another")
         if not self.runtime_forwards:
             raise UsageError(
@@ -123,7 +122,7 @@ class Link:
         async def answers() -> bool:
             try:
                 status = await probes.http_status(
-                    "/api/status", port=self.ctx.port, timeout=5,
+                    "/api/status", port=self.ctx.ports.port, timeout=5,
                     headers={"Authorization": f"token {self.ctx.token}"},
                 )  # fmt: skip
             except (OSError, asyncio.TimeoutError):
@@ -237,8 +236,7 @@ class ForwardLink(Link):
     def pids(self) -> dict[str, Any]:
         if self.tunnel is None:
             return {}
-        pid = self.tunnel.proc.pid
-        return {"ssh_pid": pid, "ssh_start": process.start_time(pid)}
+        return {"ssh_pid": self.tunnel.proc.pid, "ssh_start": self.tunnel.started}
 
 
 class ReverseLink(Link):

@@ -164,11 +164,12 @@ class SpunnelManager(LoggingConfigurable):
         The site's ``srun_args`` go before the user's own ``extra`` srun options.
         """
         site_args = list(self.srun_args)
-        where = site_config_key("SpunnelManager", "srun_args")
-        try:
-            check_srun_args(site_args, where=f"in the site's {where}")
-        except UsageError as e:
-            raise UsageError(e.message, "tell your administrators") from e
+        if site_args:  # only then: naming the file that sets them reads every config file
+            where = site_config_key("SpunnelManager", "srun_args")
+            try:
+                check_srun_args(site_args, where=f"in the site's {where}")
+            except UsageError as e:
+                raise UsageError(e.message, "tell your administrators") from e
         req = build_request(
             options, self.defaults(), list(extra),
             site=lambda name: site_config_key("SpunnelManager", name),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import getpass
 import os
 import secrets
@@ -25,7 +26,6 @@ from .control import ControlServer
 from .errors import (
     ExitCode,
     JupyterError,
-    SlurmLost,
     SpunnelError,
     StateError,
     UsageError,
@@ -109,6 +109,10 @@ class Session:
         self.times: dict[str, float] = {"submitted": time.time()}
         self.outcome: Outcome | None = None
         self.job_gone = False  # teardown saw the job leave the queue
+        self._identity = SessionRecord(  # what never changes: read once, not at every save
+            self.id, hostname(), getpass.getuser(), owner, "", supervisor_pid=os.getpid(),
+            supervisor_start=process.start_time(os.getpid()), log=str(state.file(LOG)),
+        )  # fmt: skip
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._tasks: list[asyncio.Future[Any]] = []
         self._task: asyncio.Future[Outcome] | None = None
@@ -122,8 +126,8 @@ class Session:
         )
         self.link = make_link(
             req.tunnel_mode or settings.tunnel.mode,
-            LinkContext(settings, state, self.ports, self.port, self.token, req.tunnels,
-                        self._log, self._post, self.announce, self.channel.send),
+            LinkContext(settings, state, self.ports, self.token, req.tunnels, self._log,
+                        self._post, self.announce, self.channel.send),
         )  # fmt: skip
         self.control = ControlServer(state.file(CONTROL), self._on_control)
 
@@ -134,15 +138,12 @@ class Session:
 
     def record(self, *, with_secrets: bool = False) -> SessionRecord:
         """What session.json holds (with secrets) and what last.json keeps (without)."""
-        record = SessionRecord(
-            session_id=self.id, host=hostname(), user=getpass.getuser(), owner=self.owner,
-            phase=self.phase.value, job_id=self.job_id, job_state=self.job_state.value,
-            reason=self.reason, node=self.node, port=self.port,
+        record = dataclasses.replace(
+            self._identity, phase=self.phase.value, job_id=self.job_id,
+            job_state=self.job_state.value, reason=self.reason, node=self.node, port=self.port,
             tunnels=[str(p) for p in self.req.tunnels], tunnel_state=self.tunnel_state.value,
             tunnel_mode=self.tunnel_mode, notes=self.notes[-20:], end_time=self.end_time,
-            times=self.times, supervisor_pid=os.getpid(),
-            supervisor_start=process.start_time(os.getpid()), log=str(self.state.file(LOG)),
-            ended_reason=self.outcome.reason if self.outcome else "",
+            times=self.times, ended_reason=self.outcome.reason if self.outcome else "",
         )  # fmt: skip
         if with_secrets:
             record.url, record.token = self.url, self.token
@@ -329,8 +330,7 @@ class Session:
         A job whose end the controller did not confirm is remembered (state.UNCANCELLED) for
         the next start or `stop` to cancel, and the user is told."""
         s = self.settings
-        srun_lost = self.outcome is not None and isinstance(self.outcome.error, SlurmLost)
-        await self.channel.end_step(self.job_id, srun_lost)
+        await self.channel.end_step(self.job_id)
         try:
             self.job_id = await asyncio.wait_for(
                 self.channel.end_job(self.job_id, job_tag(self.id)), s.stop_timeout + 1.0

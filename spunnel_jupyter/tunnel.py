@@ -237,6 +237,7 @@ class Tunnel:
         self.host = host
         self.control_path = control_path
         self.proc = proc
+        self.started = process.start_time(proc.pid)  # with the pid, names this very process
         self.log = log
         self.said: deque[str] = deque(maxlen=20)  # ssh's last words, for error messages
         self._stderr = asyncio.ensure_future(self._read_stderr())
