@@ -3,7 +3,6 @@ that nothing is left on either host (or that what must outlive the fault is clea
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from .cluster import (
+    Session,
     as_user,
     jobs_submitted,
     procs_of,
@@ -69,8 +69,7 @@ def test_jupyter_killed_on_the_node_is_told_as_a_crash():
         assert "was killed by SIGKILL" in s.output and "ask for more with --mem" in s.output
     finally:
         s.close()
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 def test_srun_killed_cancels_the_job_and_says_so():
@@ -82,11 +81,27 @@ def test_srun_killed_cancels_the_job_and_says_so():
         assert "srun ended (killed by SIGKILL)" in s.output and "the job is cancelled" in s.output
     finally:
         s.close()
-    _, left = wait_clean("alice", timeout=5)
+    left = _runtime_dirs_left()
     # With srun gone, Slurm may kill the launcher before it cleans up on the node: that directory
     # is named here, and the next start on the node removes it.
+    _next_start_removes(left)
+
+
+def _assert_clean() -> None:
+    _, left = wait_clean("alice", timeout=5)
+    assert not left, left
+
+
+def _runtime_dirs_left(timeout: float = 5) -> list[Path]:
+    """What is left once the rest is clean: only node runtime directories may be."""
+    _, left = wait_clean("alice", timeout=timeout)
     assert all(item.startswith("runtime dir left: ") for item in left), left
-    _next_start_removes([Path(item.split(": ", 1)[1]) for item in left])
+    return [Path(item.split(": ", 1)[1]) for item in left]
+
+
+def _ctrl_c(s: Session) -> None:
+    s.signal(signal.SIGINT)
+    assert s.finish() == 130, s.output
 
 
 def _next_start_removes(runtime_dirs: list[Path]) -> None:
@@ -94,12 +109,10 @@ def _next_start_removes(runtime_dirs: list[Path]) -> None:
     try:
         again.wait_ready()
         assert not any(path.exists() for path in runtime_dirs), runtime_dirs
-        again.signal(signal.SIGINT)
-        assert again.finish() == 130
+        _ctrl_c(again)
     finally:
         again.close()
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 def test_a_megabyte_line_from_a_kernel_freezes_nothing():
@@ -115,8 +128,7 @@ def test_a_megabyte_line_from_a_kernel_freezes_nothing():
         assert s.finish(timeout=10) == 130
     finally:
         s.close()
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 def test_status_hammering_never_makes_a_start_fail():
@@ -134,16 +146,14 @@ def test_status_hammering_never_makes_a_start_fail():
             s = start("alice", "-t", "10")
             try:
                 s.wait_ready()
-                s.signal(signal.SIGINT)
-                assert s.finish() == 130, s.output
+                _ctrl_c(s)
             finally:
                 s.close()
     finally:
         stop.set()
         thread.join()
     assert len(runs) >= 10 and set(runs) <= {0, 8}, runs  # a session, or none: never an error
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 @pytest.fixture
@@ -213,25 +223,21 @@ def test_another_user_flooding_the_port_gets_nothing_and_stops_nothing():
         assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"  # alice's still works
         log = (state_dir("alice") / "session.log").read_text()
         assert log.count(f"from uid {uid('bob')}") >= 100
-        s.signal(signal.SIGINT)
-        assert s.finish() == 130
+        _ctrl_c(s)
     finally:
         s.close()
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 def test_ctrl_c_while_jupyter_starts():
     s = start("alice", "-t", "10")
     try:
         s.wait_for(r"RUNNING on c1, starting Jupyter", timeout=60)
-        s.signal(signal.SIGINT)
-        assert s.finish() == 130, s.output
+        _ctrl_c(s)
         assert "interrupted with Ctrl-C" in s.output
     finally:
         s.close()
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 def test_stop_racing_a_start_leaves_nothing():
@@ -247,11 +253,9 @@ def test_stop_racing_a_start_leaves_nothing():
             assert s.finish(timeout=30) in (0, 130), s.output
         finally:
             s.close()
-        _, left = wait_clean("alice", timeout=5)
         # A launcher stopped while it starts may be killed before it cleans the node: named here,
         # removed by the next start on the node.
-        assert all(item.startswith("runtime dir left: ") for item in left), (delay, left)
-        left_dirs += [Path(item.split(": ", 1)[1]) for item in left]
+        left_dirs += _runtime_dirs_left()
     _next_start_removes(left_dirs)
 
 
@@ -268,11 +272,13 @@ def _daemons_back(pid: int) -> None:
     """Once the killed daemon is gone, up.sh starts whatever daemon of the test cluster is not
     running (and only that)."""
     deadline = time.monotonic() + 60
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # up.sh's daemons may be our children's orphans
-        if "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]:
-            break  # a zombie: gone for our purpose (its pidfile check sees it as dead)
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # gone
+        if state == "Z":
+            break  # a zombie nobody reaps: gone for up.sh's check too
         time.sleep(0.1)
     result = subprocess.run(["bash", str(UP)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -290,12 +296,10 @@ def test_slurmctld_restarted_while_running_ends_nothing():
         finally:
             _daemons_back(daemon)
         assert execute(s.port, s.token, "print(7 * 6)").strip() == "42"
-        s.signal(signal.SIGINT)
-        assert s.finish() == 130, s.output
+        _ctrl_c(s)
     finally:
         s.close()
-    _, left = wait_clean("alice", timeout=5)
-    assert not left, left
+    _assert_clean()
 
 
 def test_munge_stopped_during_teardown_is_told_and_cleaned_by_stop():
@@ -315,6 +319,4 @@ def test_munge_stopped_during_teardown_is_told_and_cleaned_by_stop():
         s.close()
     stop = as_user("alice", ["spunnel-notebook", "stop"])
     assert stop.returncode == 0 and f"cancelled job {job} left by an earlier session" in stop.stderr
-    _, left = wait_clean("alice", timeout=10)
-    assert all(item.startswith("runtime dir left: ") for item in left), left
-    _next_start_removes([Path(item.split(": ", 1)[1]) for item in left])
+    _next_start_removes(_runtime_dirs_left(timeout=10))
