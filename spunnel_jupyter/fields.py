@@ -95,6 +95,7 @@ class SessionRequest:
     ui: str = "lab"
     tunnels: list[PortPair] = field(default_factory=list)
     tunnel_mode: str = ""  # auto, forward or reverse; empty: SshTunnel.mode
+    from_site: frozenset[str] = frozenset()  # fields whose value is the site's default
 
     def srun_options(self) -> list[str]:
         opts = [f"{f.srun}={self.slurm[f.name]}" for f in SLURM_FIELDS if self.slurm.get(f.name)]
@@ -129,12 +130,15 @@ def build_request(
         raise UsageError(f"unknown field(s): {', '.join(unknown)}", f"use {', '.join(BY_NAME)}")
     check_srun_args(extra)
     values: dict[str, Any] = {}
+    from_site = set()
     for f in FIELDS:
         value = options.get(f.name)
         if value not in (None, ""):
             check_value(f, value)
         elif f.site_default:
             value = _site_default(f, defaults.get(f.name), site)
+            if value not in (None, ""):
+                from_site.add(f.name)
         values[f.name] = f.default if value in (None, "") else value
     tunnels = parse_port_pairs(values["tunnels"]) if values["tunnels"] else []
     req = SessionRequest(
@@ -144,6 +148,7 @@ def build_request(
         ui=values["ui"] or "lab",
         tunnels=tunnels,
         tunnel_mode=values["tunnel_mode"] or "",
+        from_site=frozenset(from_site),
     )
     for pair in req.tunnels:
         if pair.local == req.port:

@@ -73,7 +73,8 @@ def site_config_dir():
 SITE = [
     ({"mem": "lots"}, ["c.SpunnelManager.mem", "jupyter_spunnel_jupyter_config.json", "memory"]),
     ({"time": "forever"}, ["c.SpunnelManager.time", "invalid time limit"]),
-    ({"partition": "nosuch"}, ["unknown partition 'nosuch'"]),
+    ({"partition": "nosuch"}, ["unknown partition 'nosuch'", "c.SpunnelManager.partition"]),
+    ({"mem": "900000"}, ["more than any node", "c.SpunnelManager.mem", "administrators"]),
     ({"srun_args": ["--nodes=3"]}, ["c.SpunnelManager.srun_args", "one node"]),
     ({"srun_args": ["--output=/dev/null"]}, ["c.SpunnelManager.srun_args", "output"]),
 ]

@@ -272,6 +272,20 @@ def test_an_unknown_partition_is_refused_before_submitting(fake):
     assert m.status() is None and fake.lock_free()
 
 
+def test_a_site_default_the_cluster_refuses_is_blamed_on_the_site(fake):
+    m = SpunnelManager(config=fake.config(SpunnelManager={"partition": "gone", "time": "9:00:00"}))
+    with pytest.raises(UsageError, match="unknown partition 'gone', from the site's") as err:
+        run(start(m))
+    assert "c.SpunnelManager.partition" in err.value.message
+    assert "administrators" in err.value.remedy and "interact, debug" in err.value.remedy
+    with pytest.raises(UsageError) as err:
+        run(start(m, partition="mine"))
+    assert err.value.message == "unknown partition 'mine'"  # the user's own: no blame
+    with pytest.raises(UsageError, match=r"exceeds partition 'debug'.*c\.SpunnelManager\.time"):
+        run(start(m, partition="debug"))
+    assert fake.calls("srun") == [] and m.status() is None and fake.lock_free()
+
+
 def test_a_taken_port_is_refused_before_submitting(fake):
     m = SpunnelManager(config=fake.config())
     with socket.socket() as taken:
