@@ -38,6 +38,10 @@ _UID_AT = 16 + 64  # idiag_uid in inet_diag_msg (after family..retrans, sockid, 
 _REQ_LEN = _REQ.size + _SOCKID_PORTS.size + 32 + len(_TAIL)
 
 
+class OwnerCheckUnavailable(OSError):
+    """The kernel does not name a connection's owner here (sock_diag blocked or broken)."""
+
+
 class PeerOwner:
     """A netlink socket for sock_diag queries; ``uid`` answers one, ``close`` frees it."""
 

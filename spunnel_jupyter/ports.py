@@ -19,6 +19,7 @@ from typing import IO
 
 from .errors import TunnelError, UsageError
 from .machine import Event, Failed
+from .peers import OwnerCheckUnavailable
 from .relay import Relay
 from .state import TUNNEL_SOCKET, StateDir
 from .tunnel import PortPair
@@ -74,6 +75,13 @@ class Ports:
 
         try:
             relay = Relay(port, target, on_refused=refused, on_death=died)
+        except OwnerCheckUnavailable as e:
+            raise TunnelError(
+                f"this host's kernel does not tell who connects to a port ({e.strerror}), so "
+                f"port {port} cannot be kept to you",
+                "tell your administrators: spunnel-notebook needs NETLINK_SOCK_DIAG "
+                "(ss -e uses it too); nothing was submitted",
+            ) from e
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise UsageError(

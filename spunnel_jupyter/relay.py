@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from .peers import PeerOwner
+from .peers import OwnerCheckUnavailable, PeerOwner
 from .splice import Pair
 
 # Errors that say "not now": the process or the host is out of descriptors or memory.
@@ -115,8 +115,14 @@ class Relay:
         self.port = self._listener.getsockname()[1]
         self._local = ("127.0.0.1", self.port)
         _nodelay(self._listener)  # accepted sockets inherit it on Linux; set again below anyway
-        self._listener.setblocking(False)
         self._peers = PeerOwner()
+        try:
+            self._self_test()
+        except OSError:
+            self._listener.close()
+            self._peers.close()
+            raise
+        self._listener.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, None)
@@ -133,6 +139,29 @@ class Relay:
             target=self._loop, name=f"spunnel-relay-{self.port}", daemon=True
         )
         self._thread.start()
+
+    def _self_test(self) -> None:
+        """Check once that the kernel names our own connection's owner, so that a host where it
+        cannot (sock_diag blocked by a seccomp or LSM policy) gives one clear error now instead of
+        every connection refused later. Raises OwnerCheckUnavailable."""
+        self._listener.settimeout(2)
+        with socket.create_connection(self._local, timeout=2) as probe:
+            mine = probe.getsockname()
+            for _ in range(self.max_connections):  # others may have come first: reset, unread
+                client, peer = self._listener.accept()
+                if peer == mine:
+                    break
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                client.close()
+            else:
+                raise OwnerCheckUnavailable(errno.EAGAIN, "our own test connection never came")
+            with client:
+                try:
+                    uid = self._peers.uid(peer, self._local)
+                except OSError as e:
+                    raise OwnerCheckUnavailable(e.errno, f"sock_diag: {e.strerror}") from e
+        if uid != os.getuid():
+            raise OwnerCheckUnavailable(0, f"sock_diag named uid {uid} for our own connection")
 
     @property
     def alive(self) -> bool:

@@ -435,3 +435,26 @@ def test_close_from_a_callback(relay_to):
     wait_for(lambda: not dying._thread.is_alive())
     assert isinstance(dying.error, ZeroDivisionError)
     assert not port_in_use(dying.port)
+
+
+def test_a_host_whose_kernel_cannot_name_owners_fails_at_once_with_one_error(monkeypatch, tmp_path):
+    """sock_diag blocked (a seccomp or LSM policy): one clear error when the port is bound, before
+    anything is submitted, instead of every connection refused one by one; the port is freed."""
+    from spunnel_jupyter.errors import TunnelError
+    from spunnel_jupyter.peers import OwnerCheckUnavailable, PeerOwner
+    from spunnel_jupyter.ports import Ports
+    from spunnel_jupyter.state import StateDir
+
+    def blocked(self, peer, local):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(PeerOwner, "uid", blocked)
+    port = free_port()
+    with pytest.raises(OwnerCheckUnavailable, match="sock_diag: Permission denied"):
+        Relay(port, str(tmp_path / "t.sock"))
+    assert not port_in_use(port)
+    ports = Ports(StateDir(str(tmp_path / "state")).ensure(), port, open(os.devnull, "wb"), print)
+    with pytest.raises(TunnelError, match="does not tell who connects") as err:
+        ports.bind([])
+    assert "NETLINK_SOCK_DIAG" in err.value.remedy and "nothing was submitted" in err.value.remedy
+    assert ports.relays == {} and not port_in_use(port)
