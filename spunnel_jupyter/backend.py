@@ -136,6 +136,28 @@ class SlurmBackend(Protocol):
         stdout carries the node's events, its stderr Slurm's progress). The job carries ``tag``
         as its comment. Raises SlurmUnavailable when Slurm cannot be run at all."""
 
+    async def submit(
+        self, options: list[str], tag: str, command: list[str], env: Mapping[str, str]
+    ) -> int:
+        """Submit a batch job (one node, one task) whose script runs ``command`` on the node,
+        tagged ``tag``; its id. Nothing of it runs on this host. Raises SpunnelError."""
+
+    async def start_follower(
+        self, job_id: int, name: str, command: list[str], *, stdin: int,
+        env: Mapping[str, str], death_signal: signal.Signals,
+    ) -> asyncio.subprocess.Process:  # fmt: skip
+        """Run ``command`` as an extra step named ``name`` beside the running job's own
+        (``srun --jobid --overlap``); ending it leaves the job alone."""
+
+    async def signal_batch(self, job_id: int, signal_name: str) -> None:
+        """Send ``signal_name`` (e.g. "USR1") to the job's batch script only."""
+
+    async def my_steps(self) -> list[tuple[str, str]]:
+        """(step id "JOB.STEP", step name) of this user's running steps."""
+
+    async def cancel_step(self, step: str) -> None:
+        """End one step ("JOB.STEP") of a job; the job and its other steps run on."""
+
     def classify_error(self, text: str) -> SpunnelError:
         """What the user should be told for Slurm's own error text."""
 

@@ -21,7 +21,7 @@ from . import probes, process
 from .backend import JobState
 from .errors import JupyterError, SlurmLost, SpunnelError, TunnelError
 from .machine import Allocated, Event, FromNode, JobPolled, Outcome, Queued, SrunExited
-from .protocol import EXITED, LauncherSettings, NodeEvent
+from .protocol import EXITED, TOKEN, LauncherSettings, NodeEvent
 from .settings import SessionSettings
 
 # Why a job ended, as the user is told.
@@ -128,8 +128,11 @@ class NodeChannel:
         """Events from the launcher on the node (srun relays its stdout)."""
         assert stream is not None
         async for raw in process.lines(stream):
-            self.log.write(raw)
             event = NodeEvent.parse(raw.decode(errors="replace"))
+            secret = event is not None and event.kind == TOKEN
+            self.log.write(
+                NodeEvent(TOKEN, {"token": "<token>"}).line().encode() if secret else raw
+            )
             if event is not None:
                 if event.kind == EXITED:
                     self.node_exit = event
@@ -182,6 +185,8 @@ class NodeChannel:
             raise JupyterError(
                 f"Jupyter failed on {node or 'the node'}: {exit_.get('message')}", where
             )
+        if reason == "signal" and exit_.get("signal") == "SIGUSR1" and job_id is not None:
+            return Outcome(f"job {job_id} was stopped with `spunnel-notebook stop`", ends_job=True)
         if reason == "jupyter-exit":
             if exit_.get("code") == 0:
                 return Outcome("Jupyter was shut down (from its own menu or API)")
@@ -238,6 +243,10 @@ class NodeChannel:
                     await asyncio.wait_for(slurm.cancel(job_id), s.stop_timeout)
             if self.srun is not None:
                 await process.stop(self.srun, grace=s.stop_timeout, first=None)
+
+    async def detach(self) -> None:
+        """Leave the job running: detached sessions only (batch.py); srun's job ends with it."""
+        raise NotImplementedError
 
     async def abort(self, tag: str) -> None:
         """Undo a submission interrupted before the session began (Ctrl-C while starting)."""

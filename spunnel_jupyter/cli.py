@@ -1,8 +1,10 @@
 """``spunnel-notebook``: start a compute-node Jupyter session in the foreground, or manage it.
 
     spunnel-notebook [-p PART] [--mem MB] [-t TIME] [...] [-- SRUN ARGS]   start, stay until it ends
-    spunnel-notebook status [--json]                                       show this host's session
-    spunnel-notebook stop                                                  end it from anywhere
+    spunnel-notebook --detach [...]          start, print the URL, return; the session runs on
+    spunnel-notebook attach [JOB]            a tunnel on this host to a detached session
+    spunnel-notebook status [--json]         this host's session, and your detached ones
+    spunnel-notebook stop [JOB]              end it from anywhere
 
 Errors print as ``spunnel-notebook: error: <what> (<what to do>)`` and exit with the codes in
 ``errors.ExitCode``; tracebacks only with --debug. Imports stay light so --help and status are fast.
@@ -19,21 +21,23 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import __version__
+from .background import SUPERVISOR_FLAG
+from .console import AFTER_URL, PROG, Console, describe, url_block
 from .errors import ExitCode, SpunnelError, UsageError
 
 if TYPE_CHECKING:
     from .manager import SpunnelManager
     from .session import Session
 
-PROG = "spunnel-notebook"
-
 EPILOG = """\
 commands:
-  status [--json]   show this host's session (job, node, URL, time left)
-  stop              end this host's session, whichever terminal or JupyterLab started it
+  status [--json]   show this host's session (job, node, URL, time left) and your detached ones
+  stop [JOB]        end this host's session, whichever terminal or JupyterLab started it, or a
+                    detached one (from any login host)
+  attach [JOB]      follow a detached session from this host: its URL here; Ctrl-C detaches
   forward SP:EP     forward login port SP to node port EP in the running session
   forward --cancel SP:EP   remove that forward
   doctor [--allocate]      check Slurm, ssh, the node's Jupyter and this account; a table
@@ -46,6 +50,7 @@ exit codes:
 examples:
   spunnel-notebook -p interact --mem 4000 -t 2:00:00
   spunnel-notebook --tunnel 8001:8000,8889:8888 -- --exclusive
+  spunnel-notebook --detach -t 8:00:00; spunnel-notebook attach   (later, from any login host)
 """
 
 
@@ -57,10 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run Jupyter on a Slurm compute node and tunnel it to this login host.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=f"{PROG} [options] [-- srun options] | {PROG} status|stop|forward",
+        usage=f"{PROG} [options] [-- srun options] | {PROG} status|stop|attach|forward",
     )
     add_arguments(p)
     other = p.add_argument_group("other")
+    other.add_argument(
+        "--detach",
+        action="store_true",
+        default=None,
+        help="print the URL and return the prompt; the session runs on without this terminal "
+        "(or this login host); `attach` follows it, `stop` ends it",
+    )
+    other.add_argument(SUPERVISOR_FLAG, action="store_true", help=argparse.SUPPRESS)
     other.add_argument(
         "--status",
         dest="command",
@@ -81,63 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Console:
-    """What the user sees. Progress and status go to stderr (one updating line on a terminal),
-    the URL block to stdout. Writes never fail: the terminal may be gone (SIGHUP)."""
-
-    def __init__(self) -> None:
-        self.tty = sys.stderr.isatty()
-        self._last = ""
-        self._partial = False
-
-    def _write(self, stream: Any, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            stream.write(text)
-            stream.flush()
-
-    def progress(self, text: str) -> None:
-        if text == self._last:
-            return
-        self._last = text
-        if self.tty:
-            self._write(sys.stderr, f"\r\x1b[K{PROG}: {text}")
-            self._partial = True
-        else:
-            self._write(sys.stderr, f"{PROG}: {text}\n")
-
-    def say(self, text: str, stream: Any = None) -> None:
-        if self._partial:
-            self._write(sys.stderr, "\r\x1b[K")
-            self._partial = False
-            self._last = ""
-        self._write(stream or sys.stderr, text + "\n")
-
-    def error(self, err: SpunnelError) -> None:
-        self.say(f"{PROG}: error: {err.message}" + (f" ({err.remedy})" if err.remedy else ""))
-
-
-def describe(session: Session) -> str:
-    from .backend import format_duration
-    from .machine import Phase
-
-    if session.job_id is None:
-        return "submitting the job"
-    job = f"job {session.job_id}"
-    if session.phase is Phase.PENDING:
-        waited = format_duration(time.time() - session.times["submitted"])
-        reason = f" ({session.reason})" if session.reason else ""
-        return f"{job} {session.job_state.value}{reason}, waiting {waited}"
-    if session.phase is Phase.STARTING:
-        return f"{job} RUNNING on {session.node or '?'}, starting Jupyter"
-    if session.phase is Phase.READY:
-        left = session.time_left
-        remaining = f", {format_duration(left)} left" if left is not None else ""
-        tunnel = ", tunnel reconnecting" if session.tunnel_state == "reconnecting" else ""
-        return f"{job} on {session.node}{remaining}{tunnel} (Ctrl-C to stop)"
-    return f"{job} {session.phase.value}"
-
-
-async def run_session(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
+async def run_session(
+    manager: SpunnelManager,
+    args: argparse.Namespace,
+    console: Console,
+    kind: str = "foreground",
+    job_id: int | None = None,
+) -> int:
+    from .background import let_go_of_terminal
     from .fields import options_from_args
     from .machine import Phase
 
@@ -150,6 +114,8 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         signal.SIGTERM: ("terminated (SIGTERM)", ExitCode.SIGTERM),
         signal.SIGHUP: ("the terminal was closed (SIGHUP)", ExitCode.SIGHUP),
     }
+    if kind == "attached":
+        signals[signal.SIGINT] = ("detached with Ctrl-C", ExitCode.OK)
 
     def on_signal(sig: signal.Signals) -> None:
         if "s" in holder:
@@ -170,16 +136,10 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
         told = len(session.notes)
         if session.phase is Phase.READY and not shown_ready:
             shown_ready = True
-            ssh_line = f"ssh -N -L {session.port}:127.0.0.1:{session.port} " + (
-                f"{os.environ.get('USER', '')}@{manager.login_host}"
-            )
-            console.say(
-                f"{PROG}: Jupyter is running on {session.node} (job {session.job_id})\n\n"
-                f"    {session.url}\n\n"
-                f"  From a laptop: run  {ssh_line}\n"
-                f"  there, then open the same URL. Stop with Ctrl-C or `{PROG} stop`.",
-                sys.stdout,
-            )
+            block = url_block(manager, session.node, session.job_id, session.url, session.port)
+            console.say(f"{block} {AFTER_URL[kind]}", sys.stdout)
+            if kind == "detached":
+                let_go_of_terminal()
         # Nothing to show before Slurm named the job (a refusal then is one line of error).
         if session.job_id is not None and session.phase in (
             Phase.PENDING, Phase.STARTING, Phase.READY,
@@ -187,7 +147,7 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
             console.progress(describe(session))
 
     try:
-        session = await manager.start(req, on_change)
+        session = await manager.start(req, on_change, kind=kind, job_id=job_id)
     except asyncio.CancelledError:
         console.say(f"{PROG}: interrupted before the session started; nothing is left running")
         return ExitCode.SIGINT
@@ -203,6 +163,11 @@ async def run_session(manager: SpunnelManager, args: argparse.Namespace, console
             return outcome.exit_code  # refused before a job existed: nothing was left to end
     job = f"job {session.job_id} " if session.job_id else ""
     gone = f"{job}gone from the queue" if session.job_gone else "see below"
+    if session.job_kept:
+        gone = (
+            f"{job}runs on, on {session.node} (`{PROG} attach` gets back to it, `{PROG} stop` "
+            "ends it)"
+        )
     console.say(
         f"{PROG}: session ended: {outcome.reason}; {gone}, tunnel closed "
         f"({session.times.get('teardown_s', 0):.2f} s)"
@@ -224,20 +189,30 @@ def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int
     from .protocol import public_view
 
     record = manager.status()
-    if record is None:
-        if as_json:
-            console.say(json.dumps(None), sys.stdout)
-        else:
-            console.say(f"{PROG}: no session is running on this host")
-        return ExitCode.NO_SESSION
+    elsewhere, unknown = [], ""
+    try:
+        here = record.get("job_id") if record else None
+        elsewhere = [j for j in asyncio.run(manager.detached()) if j.job_id != here]
+    except SpunnelError as e:
+        unknown = f"your detached sessions are unknown: {e}"
     if as_json:
-        console.say(json.dumps(public_view(record), indent=1, sort_keys=True), sys.stdout)
-        return ExitCode.OK
+        view = public_view(record) if record else None
+        if elsewhere:
+            view = {**(view or {}), "detached_elsewhere": [j.to_json() for j in elsewhere]}
+        console.say(json.dumps(view, indent=1, sort_keys=True), sys.stdout)
+        return ExitCode.OK if view else ExitCode.NO_SESSION
+    others = [f"  {job.describe()}" for job in elsewhere] + ([f"  ({unknown})"] if unknown else [])
+    if others:
+        others.insert(0, f"detached sessions (`{PROG} attach JOBID`, `{PROG} stop JOBID`):")
+    if record is None:
+        console.say("\n".join([f"{PROG}: no session is running on this host", *others]))
+        return ExitCode.OK if elsewhere else ExitCode.NO_SESSION
     left = ""
     if record.get("end_time"):
         left = f", {format_duration(record['end_time'] - time.time())} left"
+    kind = "" if record.get("kind", "foreground") == "foreground" else f" {record['kind']}"
     lines = [
-        f"session on {record.get('host')}: {record.get('phase')} "
+        f"session{kind} on {record.get('host')}: {record.get('phase')} "
         f"(started from {record.get('owner')}, supervisor pid {record.get('supervisor_pid')})",
         f"  job {record.get('job_id') or '?'} {record.get('job_state', '')} "
         f"on {record.get('node') or '?'}{left}",
@@ -249,8 +224,31 @@ def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int
     if record.get("tunnels"):
         lines.append(f"  extra tunnels: {', '.join(record['tunnels'])}")
     lines.append(f"  stop it with `{PROG} stop`")
-    console.say("\n".join(lines), sys.stdout)
+    console.say("\n".join([*lines, *others]), sys.stdout)
     return ExitCode.OK
+
+
+def attach(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
+    """A tunnel on this host to a detached session; or, if this host's supervisor already holds
+    one to it, its URL and progress. Ctrl-C detaches either way."""
+    record = manager.status()
+    if record and record.get("kind") == "detached" and args.job in (None, record.get("job_id")):
+        block = url_block(manager, record["node"], record["job_id"], record["url"], record["port"])
+        console.say(f"{block} {AFTER_URL['attached']}", sys.stdout)
+        try:
+            while manager.status() is not None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            console.say(f"{PROG}: detached; job {record['job_id']} runs on")
+            return ExitCode.OK
+        last = manager.last_ended() or {}
+        console.say(f"{PROG}: session ended: {last.get('ended_reason', 'see its log')}")
+        return ExitCode.OK
+    from .fields import FIELDS
+
+    for f in FIELDS:  # nothing to submit: only --port is the user's to choose
+        setattr(args, f.name, getattr(args, f.name, None))
+    return asyncio.run(run_session(manager, args, console, "attached", args.job))
 
 
 def forward(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
@@ -287,8 +285,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         cut = argv.index("--")
         argv, srun_extra = argv[:cut], argv[cut + 1 :]
     command = None
-    if argv and argv[0] in ("status", "stop", "start", "forward", "doctor"):
+    if argv and argv[0] in ("status", "stop", "start", "forward", "doctor", "attach"):
         command, argv = argv[0], argv[1:]
+    if command in ("attach", "stop"):
+        p = argparse.ArgumentParser(
+            prog=f"{PROG} {command}",
+            description="Follow a detached session from this host (Ctrl-C detaches)."
+            if command == "attach"
+            else "End this host's session, or a detached one (from any login host).",
+        )
+        p.add_argument("job", nargs="?", type=int, metavar="JOBID", help="which detached session")
+        if command == "attach":
+            p.add_argument("--port", default=None, help="login-side port for the URL")
+        p.add_argument("--debug", action="store_true")
+        args = p.parse_args(argv)
+        args.command, args.srun_extra = command, []
+        return args
     if command == "doctor":
         p = argparse.ArgumentParser(
             prog=f"{PROG} doctor",
@@ -348,8 +360,16 @@ def _main(argv: list[str]) -> int:
         if args.command == "status":
             return show_status(manager, args.json, console)
         if args.command == "stop":
-            console.say(f"{PROG}: {asyncio.run(manager.stop_running())}")
+            console.say(f"{PROG}: {asyncio.run(manager.stop_running(job_id=args.job))}")
             return ExitCode.OK
+        if args.command == "attach":
+            return attach(manager, args, console)
+        if getattr(args, "as_detached_supervisor", False):
+            return asyncio.run(run_session(manager, args, console, "detached"))
+        if args.detach or (args.detach is None and manager.detach):
+            from .background import run_detached
+
+            return run_detached([a for a in argv if a != "--detach"])
         return asyncio.run(run_session(manager, args, console))
     except SpunnelError as e:
         console.error(e)

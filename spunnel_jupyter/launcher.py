@@ -9,6 +9,13 @@ one event line (protocol.py) per event: ``started``, ``ready`` (with the socket 
 stops Jupyter and every process Jupyter left behind, removes the directory, and exits.
 
 The token arrives on stdin and reaches Jupyter through its environment: never on a command line.
+
+``--detached``: run as a batch job's script (``spunnel-notebook --detach``), so that nothing on the
+node depends on a process of the login host. The settings come from $SPUNNEL_SETTINGS (they hold
+no token), the launcher makes the token itself and keeps it in ``<rundir>/token`` (0600, in the
+0700 directory), and writes its events to ``<rundir>/events`` and Jupyter's masked log to
+``<rundir>/jupyter.log``, where each attached login host's follower (follow.py) reads them.
+
 This module uses the standard library only, so it starts fast in any Python on the node.
 """
 
@@ -19,8 +26,8 @@ import contextlib
 import ctypes
 import fcntl
 import importlib.util
-import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,30 +38,45 @@ from pathlib import Path
 from typing import Any
 
 from . import probes, process
-from .protocol import LauncherSettings, NodeEvent, ProtocolError, VersionMismatch, ui_path
+from .dialback import DialBack
+from .protocol import (
+    EVENTS_FILE,
+    JUPYTER_LOG,
+    SETTINGS_ENV,
+    TOKEN_FILE,
+    LauncherSettings,
+    NodeEvent,
+    ProtocolError,
+    VersionMismatch,
+    ui_path,
+)
 
 _PR_SET_CHILD_SUBREAPER = 36
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
 
 
+_events: Any = None  # where events go: stdout (srun's channel), or <rundir>/events (detached)
+
+
 def emit(event: str, **fields: Any) -> None:
-    """Report an event to the supervisor on the login host (one line on stdout)."""
-    with contextlib.suppress(OSError):
-        sys.stdout.write(NodeEvent(event, fields).line())
-        sys.stdout.flush()
+    """Report an event to the supervisor on the login host (one line)."""
+    out = _events or sys.stdout
+    with contextlib.suppress(OSError, ValueError):
+        out.write(NodeEvent(event, fields).line())
+        out.flush()
 
 
-def _fill(value: Any, **names: str) -> Any:
-    """Replace ``{name}`` placeholders in every string of a JSON-like value."""
-    if isinstance(value, str):
-        for name, text in names.items():
-            value = value.replace("{" + name + "}", text)
-        return value
-    if isinstance(value, list):
-        return [_fill(v, **names) for v in value]
-    if isinstance(value, dict):
-        return {k: _fill(v, **names) for k, v in value.items()}
-    return value
+def _emit_event(event: NodeEvent) -> None:
+    emit(event.kind, **event.fields)
+
+
+def _private_file(path: Path, text: str = "") -> Any:
+    """A new 0600 file of ours at ``path`` (never through a link), open for appending."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    out = os.fdopen(fd, "a", buffering=1)
+    out.write(text)
+    out.flush()
+    return out
 
 
 def hold(rundir: Path) -> int:
@@ -134,11 +156,13 @@ def kill_leftovers() -> None:
 
 
 class Launcher:
-    def __init__(self, settings: LauncherSettings, commands: asyncio.StreamReader) -> None:
+    def __init__(
+        self, settings: LauncherSettings, commands: asyncio.StreamReader, detached: bool = False
+    ) -> None:
         self.commands = commands
+        self.detached = detached
         self.failure = ""  # why the launcher gave up (e.g. the reverse tunnel), if it did
-        self.reverse: asyncio.Future[None] | None = None
-        self.token = settings.token
+        self.token = settings.token or secrets.token_hex(24)
         self.ui = settings.ui
         self.base = settings.runtime_base or tempfile.gettempdir()
         self.command = settings.jupyter_command or [sys.executable, "-m", "jupyter_server"]
@@ -164,11 +188,23 @@ class Launcher:
         rundir = make_runtime_dir(self.base, self.job_id, self.restart)
         held = hold(rundir)
         try:
+            if self.detached:
+                self._publish(rundir)
             return await self._serve(rundir)
         finally:
             kill_leftovers()
             shutil.rmtree(rundir, ignore_errors=True)
             os.close(held)
+
+    def _publish(self, rundir: Path) -> None:
+        """Detached: the token, the events and Jupyter's log go to files in ``rundir`` for the
+        followers (the token file first: a follower that sees events can read it)."""
+        global _events
+        _private_file(rundir / TOKEN_FILE, self.token).close()
+        log = _private_file(rundir / JUPYTER_LOG)
+        os.dup2(log.fileno(), sys.stderr.fileno())
+        log.close()
+        _events = _private_file(rundir / EVENTS_FILE)
 
     async def _serve(self, rundir: Path) -> int:
         sock = rundir / "jupyter.sock"
@@ -179,6 +215,8 @@ class Launcher:
             host=socket.gethostname(),
             runtime_dir=str(rundir),
             pid=os.getpid(),
+            detached=self.detached,
+            ui=self.ui,
         )
         if len(str(sock)) > _SOCKET_PATH_MAX:
             emit("exited", reason="error", message=f"socket path too long: {sock}")
@@ -222,11 +260,12 @@ class Launcher:
             probes.wait_until(lambda: self._answers(sock), timeout=self.start_timeout, cap=0.05)
         )
         listening: asyncio.Future[None] | None = None
+        dialer = DialBack(_emit_event, self._give_up, sock, rundir / "ctl")
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         failed = ready.done() and not ready.result()
         if ready.done() and ready.result():
             emit("ready", socket=str(sock))
-            listening = asyncio.ensure_future(self._listen(rundir, sock))
+            listening = asyncio.ensure_future(dialer.listen(self.commands))
         elif failed:
             emit(
                 "exited",
@@ -244,10 +283,7 @@ class Launcher:
             os.killpg(jupyter.pid, signal.SIGKILL)  # whatever Jupyter started in its group
         if listening is not None:
             listening.cancel()
-        if self.reverse is not None:
-            self.reverse.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reverse
+        await dialer.cancel()
         if self.signal_name:
             emit("exited", reason="signal", signal=self.signal_name)
         elif self.failure:
@@ -259,69 +295,9 @@ class Launcher:
         await asyncio.wait({relay}, timeout=0.5)
         return 0 if code == 0 else 1
 
-    async def _listen(self, rundir: Path, sock: Path) -> None:
-        """Commands from the supervisor, one JSON object per line on stdin."""
-        async for line in self.commands:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                command = json.loads(line)
-                if command["cmd"] == "reverse" and self.reverse is None:
-                    plan = _fill(command["plan"], socket=str(sock), ctl=str(rundir / "ctl"))
-                    self.reverse = asyncio.ensure_future(self._dial_back(plan))
-
-    async def _dial_back(self, plan: dict[str, Any]) -> None:
-        """Reverse mode: keep ``ssh -R`` to the login host up, inside the job.
-
-        Rebuilt with capped exponential backoff when it dies; if that fails for longer than the
-        plan's reconnect_timeout, give up and end the session (the job ends with us).
-        """
-        ctl = Path(plan["check"][plan["check"].index("-S") + 1])
-        lost_since: float | None = None
-        backoff = probes.Backoff()
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                ctl.unlink()
-            ssh = await asyncio.create_subprocess_exec(
-                *plan["argv"], stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            up = await self._wait_master(ssh, plan, ctl)
-            if up:
-                emit("tunnel", state="up", mode="reverse", host=plan["argv"][-1])
-                lost_since = None
-                backoff.reset()
-                await ssh.wait()
-            else:
-                await process.stop(ssh, grace=0.5)
-            err = (await ssh.stderr.read()).decode(errors="replace").strip() if ssh.stderr else ""
-            now = asyncio.get_running_loop().time()
-            if lost_since is None:
-                lost_since = now
-                emit("tunnel", state="lost", mode="reverse", message=err[-300:])
-            if now - lost_since > float(plan["reconnect_timeout"]):
-                self.failure = (
-                    f"the reverse tunnel to {plan['argv'][-1]} could not be (re-)established "
-                    f"within {float(plan['reconnect_timeout']):g} s: {err[-300:] or 'no answer'}"
-                )
-                self.stopping.set()
-                return
-            await backoff.sleep()
-
-    async def _wait_master(
-        self, ssh: asyncio.subprocess.Process, plan: dict[str, Any], ctl: Path
-    ) -> bool:
-        async def checked() -> bool:
-            if ssh.returncode is not None:
-                return True  # stop waiting: it died
-            if not ctl.exists():
-                return False
-            check = await asyncio.create_subprocess_exec(
-                *plan["check"], stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
-            return await check.wait() == 0
-
-        await probes.wait_until(checked, timeout=float(plan["connect_timeout"]), cap=0.1)
-        return ssh.returncode is None and ctl.exists()
+    def _give_up(self, why: str) -> None:
+        self.failure = why
+        self.stopping.set()
 
     async def _answers(self, sock: Path) -> bool:
         try:
@@ -357,13 +333,30 @@ class Launcher:
                 return
 
 
-async def amain() -> int:
-    # stdin is srun's channel from the supervisor: the settings line, then commands.
+async def read_settings(stdin: asyncio.StreamReader, detached: bool) -> LauncherSettings:
+    """The settings: the first line on stdin, or $SPUNNEL_SETTINGS when detached."""
+    if detached:
+        return LauncherSettings.parse(os.environ.get(SETTINGS_ENV, ""))
+    return LauncherSettings.parse(await asyncio.wait_for(stdin.readline(), 60))
+
+
+async def connect_stdin() -> asyncio.StreamReader:
     stdin = asyncio.StreamReader()
     loop = asyncio.get_running_loop()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    return stdin
+
+
+async def amain(argv: list[str]) -> int:
+    # stdin is srun's channel from the supervisor: the settings line, then commands.
+    detached = argv == ["--detached"]
+    if detached:  # a batch script's stdin is /dev/null (which epoll refuses): no commands come
+        stdin = asyncio.StreamReader()
+        stdin.feed_eof()
+    else:
+        stdin = await connect_stdin()
     try:
-        settings = LauncherSettings.parse(await asyncio.wait_for(stdin.readline(), 60))
+        settings = await read_settings(stdin, detached)
     except asyncio.TimeoutError:
         emit("exited", reason="error", message="no settings on stdin: run me through spunnel")
         return 2
@@ -373,11 +366,11 @@ async def amain() -> int:
     except ProtocolError as e:
         emit("exited", reason="error", message=str(e))
         return 2
-    return await Launcher(settings, stdin).run()
+    return await Launcher(settings, stdin, detached).run()
 
 
 def main() -> int:
-    return asyncio.run(amain())
+    return asyncio.run(amain(sys.argv[1:]))
 
 
 if __name__ == "__main__":

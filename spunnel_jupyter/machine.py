@@ -64,10 +64,20 @@ class Outcome:
     reason: str
     exit_code: ExitCode = ExitCode.OK
     error: SpunnelError | None = None
+    ends_job: bool = False  # a detached session's job ends too (`stop`), not only this host's part
 
     @classmethod
     def of(cls, error: SpunnelError) -> Outcome:
         return cls(error.message, error.exit_code, error)
+
+
+def keeps_job(kind: str, outcome: Outcome, was_ready: bool) -> bool:
+    """Whether teardown leaves the job running: a detached session's job outlives this host's
+    part of it (a signal, a lost tunnel, a detach), unless `stop` ends it, or it fails before its
+    first URL (nothing of it ever reached the user); an attached host never ends it on its own."""
+    if kind == "foreground" or outcome.ends_job:
+        return False
+    return kind == "attached" or was_ready
 
 
 # -- events: everything that can happen to a session, from every source -------------------------

@@ -14,14 +14,16 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from traitlets import Bool, Float, Instance, Int, List, Type, Unicode, default
 from traitlets import Enum as TEnum
-from traitlets import Float, Instance, Int, List, Type, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import probes, process
-from .backend import Partition, SlurmBackend, format_duration, parse_mem_mb, parse_time_limit
+from .backend import SlurmBackend
+from .checks import check_against_cluster
 from .config import site_config_key
 from .control import send
+from .detached import DetachedJob, choose, detached_jobs, end_detached
 from .errors import NoSession, SessionExists, SpunnelError, UsageError
 from .fields import FIELDS, SessionRequest, build_request
 from .passthrough import check_srun_args
@@ -103,6 +105,12 @@ class SpunnelManager(LoggingConfigurable):
         config=True,
         help="Seconds between job queries (scontrol) while the session runs (for the time left).",
     )
+    detach = Bool(
+        False,
+        config=True,
+        help="""Start command-line sessions detached (as --detach): the job is a batch job that
+        outlives the terminal and this login host; `spunnel-notebook attach` follows it.""",
+    )
     login_host = Unicode(
         config=True,
         help="Name of this login host as seen from laptops, for the printed `ssh -L` line.",
@@ -182,49 +190,18 @@ class SpunnelManager(LoggingConfigurable):
             if port:
                 probes.check_free(port, what)
 
-    async def _check_against_cluster(self, req: SessionRequest) -> None:
-        """Refuse what Slurm would refuse (or leave pending forever) before submitting anything.
-
-        With several partitions (``-p a,b``) each must exist, and the job is refused only if none
-        of them can take it (Slurm runs it in whichever can).
-        """
-        partitions = await self.slurm.partitions()
-        names = ", ".join(p.name for p in partitions) or "none"
-        by_name = {p.name: p for p in partitions}
-        asked = [n for n in str(req.slurm.get("partition") or "").split(",") if n]
-        for name in asked:
-            if name not in by_name:
-                raise self._blame(
-                    req, "partition", f"unknown partition {name!r}", f"choose one of: {names}"
-                )
-        wanted = [by_name[n] for n in asked] or [p for p in partitions if p.default]
-        if not wanted:
-            return  # no default partition visible: let Slurm decide
-        refusals = [_refusal(part, req, names) for part in wanted]
-        if refusals[0] is not None and all(refusals):
-            field, message, remedy = refusals[0]
-            raise self._blame(req, field, message, remedy)
-
-    @staticmethod
-    def _blame(req: SessionRequest, field: str, message: str, remedy: str) -> UsageError:
-        """The cluster's refusal of ``field``: the user's to fix, or the site's when its value
-        is the site's default (then naming the file and key)."""
-        if field not in req.from_site:
-            return UsageError(message, remedy)
-        where = site_config_key("SpunnelManager", field)
-        return UsageError(
-            f"{message}, from the site's {where}",
-            f"tell your administrators; meanwhile give your own ({remedy})",
-        )
-
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(
         self,
         req: SessionRequest,
         on_change: Callable[[Session], None] | None = None,
         owner: str = "cli",
+        kind: str = "foreground",
+        job_id: int | None = None,
     ) -> Session:
-        """Take the lock, clean leftovers, check the request, and start the session.
+        """Take the lock, clean leftovers, check the request, and start the session: in the
+        foreground, detached (a batch job), or attached to detached job ``job_id`` (or the only
+        one; see ``attach``).
 
         Returns once the session is submitted; ``await session.wait()`` for its end. Raises
         SessionExists, UsageError, SlurmUnavailable, StateError before anything is submitted.
@@ -235,8 +212,11 @@ class SpunnelManager(LoggingConfigurable):
         try:
             notes = await self.clean_leftovers(state)
             self._check_local_ports(req)
-            await self._check_against_cluster(req)
-            session = Session(self.session_settings(), req, state, on_change, owner)
+            if kind == "attached":
+                job_id = choose(await detached_jobs(self.slurm), job_id, "attach").job_id
+            else:
+                await check_against_cluster(self.slurm, req)
+            session = Session(self.session_settings(), req, state, on_change, owner, kind, job_id)
             session.notes.extend(notes)
             await session.launch()
         except BaseException:
@@ -270,6 +250,11 @@ class SpunnelManager(LoggingConfigurable):
         state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET)
         if not notes:
             notes.append("removed the record of a session whose supervisor died")
+        if record.get("kind", "foreground") != "foreground" and record.get("job_id"):
+            notes.append(
+                f"job {record['job_id']} (detached) may still run: `spunnel-notebook attach` "
+                "gets back to it, `spunnel-notebook stop` ends it"
+            )
         return notes
 
     def status(self) -> dict[str, Any] | None:
@@ -284,18 +269,42 @@ class SpunnelManager(LoggingConfigurable):
         """How the previous session on this host ended (phase, job, reason, times), if known."""
         return self.state().read(LAST) or None
 
-    async def stop_running(self, timeout: float | None = None) -> str:
-        """Ask the running session (started by any front end) to end, and wait until it has."""
+    async def detached(self) -> list[DetachedJob]:
+        """This user's detached sessions, started from any login host (from Slurm)."""
+        return await detached_jobs(self.slurm)
+
+    async def stop_running(self, timeout: float | None = None, job_id: int | None = None) -> str:
+        """Ask the running session (started by any front end) to end, and wait until it has;
+        with no session on this host (or ``job_id`` another's), end a detached session."""
         state = self.state()
         timeout = timeout or 4 * self.stop_timeout
-        if state.try_lock():  # no session: clean what a dead one left, holding the lock meanwhile
-            try:
-                notes = await self.clean_leftovers(state)
-            finally:
-                state.unlock()
+        held = state.read() or {}
+        if not state.try_lock():
+            if job_id is None or job_id == held.get("job_id"):
+                return await self._stop_here(state, timeout)
+            return await self._stop_detached(job_id)
+        try:  # no session here: clean what a dead one left, holding the lock meanwhile
+            notes = await self.clean_leftovers(state)
+        finally:
+            state.unlock()
+        try:
+            return "; ".join([*notes, await self._stop_detached(job_id)])
+        except NoSession:
+            if job_id is not None:
+                raise
             if notes:
                 return "; ".join(notes)
-            raise NoSession("no session is running on this host", "start one with spunnel-notebook")
+        raise NoSession(
+            "no session is running on this host, and you have no detached session",
+            "start one with spunnel-notebook",
+        )
+
+    async def _stop_detached(self, job_id: int | None) -> str:
+        job = choose(await self.detached(), job_id, "stop")
+        grace = self.jupyter_stop_grace + self.stop_timeout
+        return await end_detached(self.slurm, job, grace, self.stop_timeout)
+
+    async def _stop_here(self, state: StateDir, timeout: float) -> str:
         try:
             await self.control("stop")
         except (OSError, asyncio.TimeoutError, SpunnelError):
@@ -321,37 +330,6 @@ class SpunnelManager(LoggingConfigurable):
             raise NoSession("no session is running on this host", "start one with spunnel-notebook")
         verb, _, arg = command.partition(" ")
         return await send(state.file(CONTROL), ControlRequest(verb, arg))
-
-
-def _refusal(part: Partition, req: SessionRequest, names: str) -> tuple[str, str, str] | None:
-    """Why partition ``part`` cannot run the request: (the field, message, remedy), or None."""
-    time, mem = req.slurm.get("time"), req.slurm.get("mem")
-    cpus = req.slurm.get("cpus_per_task")
-    if not part.available:
-        return "partition", f"partition {part.name!r} is down", f"choose one of: {names}"
-    if time and part.max_time is not None:
-        limit = parse_time_limit(time)
-        if limit is None or limit > part.max_time:
-            return (
-                "time",
-                f"time limit {time} exceeds partition {part.name!r}'s maximum "
-                f"{format_duration(part.max_time)}",
-                "ask for less time or choose another partition",
-            )
-    if mem and part.max_mem_mb and parse_mem_mb(mem) > part.max_mem_mb:
-        return (
-            "mem",
-            f"--mem {mem} is more than any node in partition {part.name!r} has "
-            f"({part.max_mem_mb} MB)",
-            f"ask for at most {part.max_mem_mb} MB",
-        )
-    if cpus and part.max_cpus and cpus > part.max_cpus:
-        return (
-            "cpus_per_task",
-            f"{cpus} CPUs is more than any node in partition {part.name!r} has ({part.max_cpus})",
-            f"ask for at most {part.max_cpus}",
-        )
-    return None
 
 
 def describe_running(record: dict[str, Any]) -> tuple[str, str]:

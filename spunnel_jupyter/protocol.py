@@ -7,7 +7,12 @@
   (``stop``, ``forward SP:EP``, ``cancel SP:EP``), answered ``ok TEXT`` or ``error TEXT``.
 - **Session record** (``SessionRecord``): ``session.json`` (0600; holds the token) and
   ``last.json``; ``public_view`` is what ``status --json``, the REST API and the event stream show.
-- **Job tag**: the ``--comment`` that marks the jobs of this tool (``job_tag``).
+- **Job tag**: the ``--comment`` that marks the jobs of this tool (``job_tag``); a detached
+  session's job has its own prefix (``detached_tag``), so that no host's cleanup of leftovers
+  takes it for one.
+- **Detached sessions**: the files the launcher keeps in its runtime directory for followers
+  (``TOKEN_FILE``, ``EVENTS_FILE``, ``JUPYTER_LOG``) and the environment variable that carries
+  its settings (``SETTINGS_ENV``).
 
 Standard library only: the launcher imports it on the node, in any Python.
 """
@@ -22,9 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Bumped whenever a format here changes incompatibly: a launcher of another version refuses.
-VERSION = 2
+VERSION = 3
 EVENT_PREFIX = "@spunnel "
 TAG_PREFIX = "spunnel-jupyter"  # jobs are tagged --comment=spunnel-jupyter:<host>:<session>
+DETACHED_PREFIX = "spunnel-jupyter-detached"  # ... and detached ones with this prefix instead
+SETTINGS_ENV = "SPUNNEL_SETTINGS"  # a detached launcher's settings (no token in them)
+TOKEN_FILE, EVENTS_FILE, JUPYTER_LOG = "token", "events", "jupyter.log"  # in the runtime dir
 
 
 UI_PATHS = {"lab": "/lab", "notebook": "/tree"}  # the UI a session opens, and its URL path
@@ -38,6 +46,23 @@ def ui_path(ui: str) -> str:
 def job_tag(session_id: str = "", host: str = "") -> str:
     """The job's --comment; with no ``session_id`` the prefix every job of this host has."""
     return f"{TAG_PREFIX}:{host or socket.gethostname()}:{session_id}"
+
+
+def detached_tag(session_id: str, host: str = "") -> str:
+    """The --comment of a detached session's job (started on ``host``)."""
+    return f"{DETACHED_PREFIX}:{host or socket.gethostname()}:{session_id}"
+
+
+def parse_detached_tag(comment: str) -> str | None:
+    """The login host a detached session was started on, or None if ``comment`` is not one."""
+    prefix, _, rest = comment.partition(":")
+    host, _, session_id = rest.partition(":")
+    return host if prefix == DETACHED_PREFIX and host and session_id else None
+
+
+def follower_name(host: str = "") -> str:
+    """The name of an attached host's step in a detached job: where its tunnels are."""
+    return f"spunnel-attach@{host or socket.gethostname()}"
 
 
 class ProtocolError(ValueError):
@@ -90,6 +115,7 @@ def reverse_command(plan: dict[str, Any]) -> bytes:
 
 # -- events: launcher -> login side --------------------------------------------------------------
 STARTED, READY, EXITED, TUNNEL = "started", "ready", "exited", "tunnel"
+TOKEN = "token"  # noqa: S105 (an event: a follower says Jupyter's token first, never logged)
 EXIT_REASONS = ("error", "signal", "tunnel-error", "jupyter-exit", "version")
 
 
@@ -163,6 +189,7 @@ class SessionRecord:
     user: str
     owner: str  # "cli" or "jupyterlab"
     phase: str
+    kind: str = "foreground"  # or "detached" (its job outlives this host's part), "attached"
     job_id: int | None = None
     job_state: str = "PENDING"
     reason: str = ""

@@ -21,15 +21,9 @@ from typing import Any
 
 from . import probes, process
 from .backend import JobState
-from .channel import NodeChannel
+from .batch import make_channel
 from .control import ControlServer
-from .errors import (
-    ExitCode,
-    JupyterError,
-    SpunnelError,
-    StateError,
-    UsageError,
-)
+from .errors import ExitCode, JupyterError, SpunnelError, StateError, UsageError
 from .fields import SessionRequest
 from .links import LinkContext, make_link
 from .machine import (
@@ -49,30 +43,23 @@ from .machine import (
     TunnelState,
     TunnelUp,
     check_move,
+    keeps_job,
 )
 from .ports import Ports
 from .protocol import (
     READY,
     STARTED,
     STOP,
+    TOKEN,
     ControlRequest,
-    LauncherSettings,
     NodeEvent,
     SessionRecord,
+    detached_tag,
     job_tag,
     ui_path,
 )
 from .settings import SessionSettings
-from .state import (
-    CONTROL,
-    CONTROL_PATH,
-    LAST,
-    LOG,
-    RECORD,
-    UNCANCELLED,
-    StateDir,
-    hostname,
-)
+from .state import CONTROL, CONTROL_PATH, LAST, LOG, RECORD, UNCANCELLED, StateDir, hostname
 from .tunnel import PortPair, parse_port_pairs
 
 
@@ -86,8 +73,11 @@ class Session:
         state: StateDir,
         on_change: Callable[[Session], None] | None,
         owner: str,
+        kind: str = "foreground",
+        job_id: int | None = None,
     ) -> None:
         self.settings = settings
+        self.kind = kind  # foreground; detached (its job outlives us); attached (to job_id)
         self.log = settings.log
         self.req = req
         self.state = state
@@ -99,7 +89,7 @@ class Session:
         self.phase = Phase.PENDING
         self.tunnel_state = TunnelState.DOWN
         self.tunnel_mode = ""  # the link's mode once the URL answers
-        self.job_id: int | None = None
+        self.job_id: int | None = job_id
         self.job_state = JobState.PENDING
         self.reason = ""  # Slurm's pending reason
         self.node = ""
@@ -109,9 +99,11 @@ class Session:
         self.times: dict[str, float] = {"submitted": time.time()}
         self.outcome: Outcome | None = None
         self.job_gone = False  # teardown saw the job leave the queue
+        self.job_kept = False  # teardown left a detached session's job running, as it should
+        self.tag = job_tag(self.id) if kind == "foreground" else detached_tag(self.id)
         self._identity = SessionRecord(  # what never changes: read once, not at every save
             self.id, hostname(), getpass.getuser(), owner, "", supervisor_pid=os.getpid(),
-            supervisor_start=process.start_time(os.getpid()), log=str(state.file(LOG)),
+            supervisor_start=process.start_time(os.getpid()), log=str(state.file(LOG)), kind=kind,
         )  # fmt: skip
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._tasks: list[asyncio.Future[Any]] = []
@@ -119,7 +111,7 @@ class Session:
         self._lost_at = 0.0
         self._save_failed = False
         self._log = state.open_log(LOG, keep=settings.logs_kept)
-        self.channel = NodeChannel(settings, self._log, self._post)
+        self.channel = make_channel(kind, settings, self._log, self._post, job_id)
         loop = asyncio.get_event_loop()  # relays post from their threads
         self.ports = Ports(
             state, self.port, self._log, lambda e: loop.call_soon_threadsafe(self._post, e)
@@ -151,9 +143,11 @@ class Session:
                 setattr(record, name, value)
         return record
 
-    def request_stop(self, reason: str, exit_code: ExitCode = ExitCode.OK) -> None:
+    def request_stop(
+        self, reason: str, exit_code: ExitCode = ExitCode.OK, ends_job: bool = False
+    ) -> None:
         """End the session (the first ending wins). Safe from signal handlers."""
-        self._post(StopRequested(Outcome(reason, exit_code)))
+        self._post(StopRequested(Outcome(reason, exit_code, ends_job=ends_job)))
 
     async def wait(self) -> Outcome:
         assert self._task is not None
@@ -177,23 +171,18 @@ class Session:
     # -- lifecycle ---------------------------------------------------------------------------
     async def launch(self) -> None:
         """Bind the port, open the control socket, submit. Nothing is left behind if it fails."""
-        s = self.settings
         try:
             self.ports.bind(self.req.tunnels)  # before submitting: a taken port costs no job
             await self.control.start()
             self._save()  # before srun: a supervisor killed right now leaves enough to clean up
             options = self.req.srun_options()
             self._log.write(f"spunnel: submitting with {' '.join(options)}\n".encode())
-            launcher = LauncherSettings(
-                token=self.token, ui=self.req.ui, runtime_base=s.runtime_base,
-                jupyter_command=list(s.jupyter_command), jupyter_args=list(s.jupyter_args),
-                start_timeout=s.start_timeout, stop_grace=s.jupyter_stop_grace,
-            )  # fmt: skip
-            await self.channel.start(options, job_tag(self.id), launcher)
+            token = self.token if self.kind == "foreground" else ""  # detached: the node's own
+            await self.channel.start(options, self.tag, self.settings.launcher(token, self.req.ui))
             self._save()
         except BaseException:
             self.control.close()
-            await self.channel.abort(job_tag(self.id))  # submitted, then interrupted or failed
+            await self.channel.abort(self.tag)  # submitted, then interrupted or failed
             await self.link.close(grace=0.5)
             self.ports.close()
             self.channel.close()
@@ -260,9 +249,11 @@ class Session:
         """What the launcher said: started (the job runs), ready (Jupyter listens), and what the
         link needs to hear (the reverse tunnel's state, the launcher's exit)."""
         self.link.heard(event)
-        if event.kind == STARTED:
+        if event.kind == TOKEN:  # a detached launcher's own, through our follower
+            self.token = self.link.ctx.token = str(event.get("token", ""))
+        elif event.kind == STARTED:
             job_id = str(event.get("job_id", ""))
-            self.node = event.get("host", "")
+            self.node, self.req.ui = event.get("host", ""), event.get("ui", self.req.ui)
             self._running(int(job_id) if job_id.isdigit() else self.job_id)
             self.link.node_started(self.node, event.get("socket", ""))
         elif event.kind == READY and self.phase is Phase.STARTING:
@@ -305,7 +296,9 @@ class Session:
     async def _on_control(self, request: ControlRequest) -> str:
         """Other front ends (spunnel-notebook stop/forward, the server extension) talk to us."""
         if request.verb == STOP:
-            self.request_stop("stopped with `spunnel-notebook stop` or from JupyterLab")
+            self.request_stop(
+                "stopped with `spunnel-notebook stop` or from JupyterLab", ends_job=True
+            )
             return "stopping"
         (pair,) = parse_port_pairs(request.arg)
         return await self.forward(pair, cancel=request.verb == "cancel")
@@ -330,14 +323,19 @@ class Session:
         A job whose end the controller did not confirm is remembered (state.UNCANCELLED) for
         the next start or `stop` to cancel, and the user is told."""
         s = self.settings
+        assert self.outcome is not None
+        if keeps_job(self.kind, self.outcome, "ready" in self.times):
+            await self.channel.detach()
+            self.job_kept = True
+            return
         await self.channel.end_step(self.job_id)
         try:
             self.job_id = await asyncio.wait_for(
-                self.channel.end_job(self.job_id, job_tag(self.id)), s.stop_timeout + 1.0
+                self.channel.end_job(self.job_id, self.tag), s.stop_timeout + 1.0
             )
         except (SpunnelError, asyncio.TimeoutError) as e:
             with contextlib.suppress(OSError):
-                self.state.write({"job_id": self.job_id, "tag": job_tag(self.id)}, UNCANCELLED)
+                self.state.write({"job_id": self.job_id, "tag": self.tag}, UNCANCELLED)
             job = f"job {self.job_id}" if self.job_id else "the job"
             raise SpunnelError(
                 f"{job} may still be in the queue: Slurm did not confirm its end "

@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import os
 import re
+import shlex
 import shutil
 import signal
 import time
@@ -214,11 +215,70 @@ class SlurmCLI(LoggingConfigurable):
         except FileNotFoundError as e:
             raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
 
+    async def submit(
+        self, options: list[str], tag: str, command: list[str], env: Mapping[str, str]
+    ) -> int:
+        argv = [self.command("sbatch"), "--parsable", "--nodes=1", "--ntasks=1",
+                f"--comment={tag}", "--output=/dev/null", *options,
+                f"--wrap=exec {shlex.join(command)}"]  # fmt: skip
+        self.log.debug("$ %s", " ".join(argv))
+        try:
+            result = await process.run(argv, timeout=self.timeout, env=dict(env))
+        except TimeoutError as e:
+            raise SlurmUnavailable(
+                f"the Slurm controller does not answer (sbatch: no answer in {self.timeout:g} s)",
+                "try again in a minute; if it persists, tell your administrators",
+            ) from e
+        job_id = result.stdout.strip().split(";")[0]
+        if result.returncode != 0 or not job_id.isdigit():
+            raise classify_error(result.stderr or result.stdout)
+        return int(job_id)
+
+    async def start_follower(
+        self, job_id: int, name: str, command: list[str], *, stdin: int,
+        env: Mapping[str, str], death_signal: signal.Signals,
+    ) -> asyncio.subprocess.Process:  # fmt: skip
+        # --mem: steps share CPUs with --overlap, not memory (Slurm 22.05); a follower needs
+        # little, and must not wait for the memory another step holds.
+        argv = [self.command("srun"), f"--jobid={job_id}", "--overlap", "--nodes=1",
+                "--ntasks=1", "--mem=32M", f"--job-name={name}", "--quiet", *command]  # fmt: skip
+        self.log.debug("$ %s", " ".join(argv))
+        try:
+            return await process.spawn(argv, stdin=stdin, env=dict(env), death_signal=death_signal)
+        except FileNotFoundError as e:
+            raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
+
+    async def signal_batch(self, job_id: int, signal_name: str) -> None:
+        result = await self._query("scancel", "--batch", f"--signal={signal_name}", str(job_id))
+        if result.returncode != 0 and not re.search(
+            r"Invalid job id|already completing or completed", result.stderr
+        ):
+            raise classify_error(result.stderr)
+
+    async def my_steps(self) -> list[tuple[str, str]]:
+        result = await self._query(
+            "squeue", "--local", "-h", "-s", "-u", getpass.getuser(), "-o", "%i|%j"
+        )
+        if result.returncode != 0:
+            raise classify_error(result.stderr)
+        steps = []
+        for line in result.stdout.splitlines():
+            step, _, name = line.strip().partition("|")
+            if re.fullmatch(r"\d+\.\w+", step):
+                steps.append((step, name))
+        return steps
+
+    async def cancel_step(self, step: str) -> None:
+        result = await self._query("scancel", step)
+        if result.returncode != 0 and "Invalid job id" not in result.stderr:
+            raise classify_error(result.stderr)
+
     def classify_error(self, text: str) -> SpunnelError:
         return classify_error(text)
 
     def commands(self) -> list[str]:
-        return [self.command(name) for name in ("srun", "scontrol", "squeue", "sinfo", "scancel")]
+        names = ("srun", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
+        return [self.command(name) for name in names]
 
 
 _KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z:]+)=(\S*)")  # `scontrol -o show job` fields
