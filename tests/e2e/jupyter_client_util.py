@@ -28,10 +28,24 @@ def rest(
 
 def execute(port: int, token: str, code: str, timeout: float = 60) -> str:
     """Start a kernel through the tunnel, run ``code``, return its stdout; shut the kernel down."""
+    kernel = start_kernel(port, token)
+    try:
+        return execute_in(port, token, kernel, code, timeout)
+    finally:
+        rest(port, token, "DELETE", f"/api/kernels/{kernel}")
+
+
+def start_kernel(port: int, token: str) -> str:
+    """A new kernel's id (it lives until shut down, whoever connects to it)."""
     status, kernel = rest(port, token, "POST", "/api/kernels", {"name": "python3"})
     assert status == 201, f"kernel start failed: {status}"
+    return str(kernel["id"])
+
+
+def execute_in(port: int, token: str, kernel: str, code: str, timeout: float = 60) -> str:
+    """Run ``code`` in the running kernel ``kernel``; return its stdout."""
     ws = websocket.create_connection(
-        f"ws://127.0.0.1:{port}/api/kernels/{kernel['id']}/channels",
+        f"ws://127.0.0.1:{port}/api/kernels/{kernel}/channels",
         header=[f"Authorization: token {token}"],
         timeout=timeout,
     )
@@ -76,4 +90,3 @@ def execute(port: int, token: str, code: str, timeout: float = 60) -> str:
                 return "".join(out)
     finally:
         ws.close()
-        rest(port, token, "DELETE", f"/api/kernels/{kernel['id']}")
