@@ -320,3 +320,54 @@ def test_munge_stopped_during_teardown_is_told_and_cleaned_by_stop():
     stop = as_user("alice", ["spunnel-notebook", "stop"])
     assert stop.returncode == 0 and f"cancelled job {job} left by an earlier session" in stop.stderr
     _next_start_removes(_runtime_dirs_left(timeout=10))
+
+
+def _jobs_ever(user: str) -> set[int]:
+    """Every job of ``user`` slurmctld still knows, ended ones included (MinJobAge is 300 s):
+    unlike sdiag's count of submitted jobs, other users' jobs do not move it."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-u", user, "-o", "%i"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return {int(line) for line in out.stdout.split()}
+
+
+def test_two_starts_racing_one_wins_the_other_names_it():
+    before = _jobs_ever("alice")
+    barrier = threading.Barrier(2)
+    sessions: list[Session] = []
+
+    def go() -> None:
+        barrier.wait()
+        sessions.append(start("alice", "-t", "10"))
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        # The loser waits for the winner's job to be named, then exits at once, submitting nothing.
+        deadline = time.monotonic() + 30
+        while all(s.proc.poll() is None for s in sessions):
+            assert time.monotonic() < deadline, [s.output for s in sessions]
+            time.sleep(0.05)
+        (loser,) = [s for s in sessions if s.proc.poll() is not None]
+        (winner,) = [s for s in sessions if s is not loser]
+        winner.wait_ready()
+        assert loser.finish() == 3, loser.output
+        told = [ln for ln in loser.output.splitlines() if ln.strip()]
+        assert told == [
+            "spunnel-notebook: error: you already have a session on this host: "
+            f"job {winner.job_id} on c1 (started by cli, phase starting) "
+            "(use it, or end it with `spunnel-notebook stop` first)"
+        ] or told == [
+            "spunnel-notebook: error: you already have a session on this host: "
+            f"job {winner.job_id} on c1, {winner.url} (started by cli, phase ready) "
+            "(use it, or end it with `spunnel-notebook stop` first)"
+        ], told
+        assert _jobs_ever("alice") - before == {winner.job_id}  # the loser submitted nothing
+        assert squeue("alice") == [f"{winner.job_id} RUNNING"]
+        _ctrl_c(winner)
+    finally:
+        for s in sessions:
+            s.close()
+    _assert_clean()
