@@ -262,9 +262,9 @@ def test_stop_racing_a_start_leaves_nothing():
 UP = Path(__file__).resolve().parents[1] / "cluster" / "up.sh"
 
 
-def _kill_daemon(pidfile: str) -> int:
+def _kill_daemon(pidfile: str, sig: int = signal.SIGTERM) -> int:
     pid = int(Path(pidfile).read_text().split()[0])
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, sig)
     return pid
 
 
@@ -371,3 +371,80 @@ def test_two_starts_racing_one_wins_the_other_names_it():
         for s in sessions:
             s.close()
     _assert_clean()
+
+
+def test_slurmctld_restarted_while_pending_then_the_job_starts(node_full):
+    s = start("alice", "--mem", "1000", "-t", "10")
+    try:
+        job = s.wait_for(r"job (\d+) PENDING \(Resources\)", timeout=30).group(1)
+        daemon = _kill_daemon("/run/slurmctld.pid")
+        try:
+            time.sleep(3)  # the session asks about its job meanwhile: no answer is no ending
+            assert s.proc.poll() is None, s.output
+        finally:
+            _daemons_back(daemon)
+        assert squeue("alice") == [f"{job} PENDING"]  # the restarted controller still has it
+        subprocess.run(["scancel", node_full], check=True)  # the node is free
+        s.wait_ready(timeout=60)
+        assert s.job_id == int(job)
+        assert "error" not in s.output, s.output
+        assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+        _ctrl_c(s)
+    finally:
+        s.close()
+    _assert_clean()
+
+
+def _on_the_login_host(left: list[str]) -> list[str]:
+    """``left`` less what is on the node c1: its processes (c1's network namespace; the test
+    cluster shares one process table) and runtime directories."""
+    node_net = f"net:[{os.stat('/run/netns/c1').st_ino}]"
+    login = []
+    for item in left:
+        if item.startswith("runtime dir left: "):
+            continue
+        if item.startswith("process "):
+            try:
+                if os.readlink(f"/proc/{item.split()[1].rstrip(':')}/ns/net") == node_net:
+                    continue
+            except OSError:
+                continue  # gone meanwhile
+        login.append(item)
+    return login
+
+
+def test_slurmd_killed_is_a_node_failure_told_and_cleaned():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        job = s.job_id
+        t0 = time.monotonic()
+        daemon = _kill_daemon("/run/slurmd-c1.pid", signal.SIGKILL)
+        try:
+            # Jupyter runs on: the node is down once Slurm says so (SlurmdTimeout: ~30 s here).
+            assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+            assert s.finish(timeout=60) == 0, s.output
+            told = time.monotonic() - t0
+            assert (
+                f"session ended: job {job} lost its node (NODE_FAIL); job {job} gone from the "
+                "queue, tunnel closed" in s.output
+            ), s.output
+            assert squeue("alice") == []
+            # Nothing on the login host. On the node, with slurmd dead, the launcher and Jupyter
+            # live on (on a real cluster the node itself is gone) until slurmd is back.
+            _, left = wait_clean("alice", timeout=2)
+            assert not _on_the_login_host(left), left
+            print(f"told after {told:.1f} s; left on the node: {left}")
+        finally:
+            _daemons_back(daemon)  # slurmd registers again; ReturnToService=2 resumes the node
+        assert _node_state() in ("idle", "mix", "alloc", "comp"), _node_state()  # in service
+    finally:
+        s.close()
+    # The restarted slurmd ends the failed job's step on the node: the launcher cleans up (a
+    # directory it could not remove would be named here and removed by the next start).
+    _next_start_removes(_runtime_dirs_left(timeout=15))
+
+
+def _node_state() -> str:
+    out = subprocess.run(["sinfo", "-h", "-n", "c1", "-o", "%t"], capture_output=True, text=True)
+    return out.stdout.strip()
