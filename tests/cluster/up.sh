@@ -12,8 +12,9 @@
 #
 # The filesystem, users and /tmp are shared (but login2 has its own /tmp); a server bound to 127.0.0.1 inside c1
 # is reachable from the login side only through ssh, as on a real cluster. Run as root. Idempotent: when
-# everything is already up it only re-checks health. Daemons it starts are recorded in /run/spunnel-test/*.pid ("PID STARTTIME"), and
-# down.sh stops exactly those. Facts and pitfalls behind the choices here: /work/shared/TESTBED.md.
+# everything is already up it only re-checks health. Daemons it starts are recorded in /run/spunnel-test/*.pid
+# ("PID STARTTIME"), and down.sh stops exactly those. Facts and pitfalls behind the choices here:
+# /work/shared/TESTBED.md.
 #
 # Environment knobs:
 #   SPUNNEL_SKIP_PROJECT=1     tolerate a project that does not install (installs jupyterlab, ipykernel and
