@@ -118,7 +118,9 @@ def make_runtime_dir(base: str, job_id: str, restart: str) -> Path:
             os.chmod(path, 0o700)
             return path
     # Pre-created by another user: never use it, and never fail because of it.
-    return Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=base))
+    fresh = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=base))
+    sys.stderr.write(f"spunnel: {path} already exists (owner uid {st.st_uid}): using {fresh}\n")
+    return fresh
 
 
 def _no_nesting(rundir: Path) -> str:

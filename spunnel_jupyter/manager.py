@@ -208,7 +208,9 @@ class SpunnelManager(LoggingConfigurable):
         """
         state = self.state()
         if not state.try_lock():
-            raise SessionExists(*describe_running(state.read() or {}))
+            record = await self._holder(state)
+            if not state.try_lock():  # else the start we raced failed: go ahead
+                raise SessionExists(*describe_running(record))
         try:
             notes = await self.clean_leftovers(state)
             self._check_local_ports(req)
@@ -223,6 +225,16 @@ class SpunnelManager(LoggingConfigurable):
             state.unlock()
             raise
         return session
+
+    async def _holder(self, state: StateDir) -> dict[str, Any]:
+        """The record of the session holding the lock. A start we raced may not have named its
+        job yet (Slurm has not answered it): wait for that, within ``stop_timeout``."""
+
+        async def named() -> bool:
+            return bool((state.read() or {}).get("job_id")) or not state.is_locked()
+
+        await probes.wait_until(named, timeout=self.stop_timeout, cap=0.05)
+        return state.read() or {}
 
     async def clean_leftovers(self, state: StateDir) -> list[str]:
         """Remove what a dead supervisor left: its job, ssh master, srun, socket and record.
@@ -333,11 +345,17 @@ class SpunnelManager(LoggingConfigurable):
 
 
 def describe_running(record: dict[str, Any]) -> tuple[str, str]:
-    job = record.get("job_id") or "?"
+    if not record:  # whoever holds the lock has written no record (yet)
+        return (
+            "you already have a session on this host, or another spunnel-notebook of yours is "
+            "starting or stopping one",
+            "use it, or end it with `spunnel-notebook stop` first",
+        )
+    job = f"job {record['job_id']}" if record.get("job_id") else "its job not named by Slurm yet"
     where = f" on {record['node']}" if record.get("node") else ""
     url = f", {record['url']}" if record.get("url") else ""
     return (
-        f"you already have a session on this host: job {job}{where}{url} "
+        f"you already have a session on this host: {job}{where}{url} "
         f"(started by {record.get('owner', 'spunnel')}, phase {record.get('phase', '?')})",
         "use it, or end it with `spunnel-notebook stop` first",
     )

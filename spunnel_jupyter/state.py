@@ -109,7 +109,9 @@ class StateDir:
             os.mkdir(self.path, 0o700)
         st = self.path.lstat()
         if not stat.S_ISDIR(st.st_mode):
-            raise StateError(f"state directory {self.path} is not a directory", remedy)
+            kind = {stat.S_IFLNK: "symbolic link", stat.S_IFSOCK: "socket"}
+            what = f"{kind.get(stat.S_IFMT(st.st_mode), 'file')} of uid {st.st_uid}"
+            raise StateError(f"state directory {self.path} is a {what}, not a directory", remedy)
         if st.st_uid != os.getuid():
             raise StateError(f"state directory {self.path} belongs to uid {st.st_uid}", remedy)
         if st.st_mode & 0o077:

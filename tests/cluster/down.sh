@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Tear down the test cluster that up.sh stood up: cancel the test users' jobs, stop exactly the daemons
-# up.sh recorded in /run/spunnel-test/*.pid, remove the c1 namespace and veth pair, and the /etc/hosts and
-# /etc/ssh/ssh_known_hosts lines marked "# spunnel-test". Packages, users, keys, configs and the venv stay,
-# so up.sh brings everything back quickly. Run as root; safe to run when nothing is up.
+# Tear down the test cluster that up.sh stood up: first the second login host (login2.sh --down), then
+# cancel the test users' jobs, stop exactly the daemons up.sh recorded in /run/spunnel-test/*.pid, remove the
+# c1 namespace and veth pair, and the /etc/hosts and /etc/ssh/ssh_known_hosts lines marked "# spunnel-test".
+# Packages, users, keys, configs and the venv stay, so up.sh brings everything back quickly. Run as root; safe
+# to run when nothing is up.
 set -Eeuo pipefail
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -11,7 +12,7 @@ export LC_ALL=C
 readonly RUN=/run/spunnel-test
 readonly NS=c1 LOGIN_IF=spn-login
 readonly MARK='# spunnel-test'
-readonly USERS=(alice bob)
+readonly USERS=(alice bob carol)
 
 say() { printf 'down: %s\n' "$*"; }
 warn() { printf 'down: WARNING: %s\n' "$*" >&2; }
@@ -42,6 +43,10 @@ terminate() {
     warn "still running after ${secs}s, sending SIGKILL: $*"
     kill -KILL "$@" 2>/dev/null || true
 }
+
+# 0. The second login host (its user's jobs, its sshd and processes, namespaces, routes, marked lines): before
+# c1 goes, whose route back to login2 it removes.
+bash "$(dirname "$0")/login2.sh" --down || warn "login2.sh --down failed"
 
 # 1. Jobs first, while the controller and slurmd still run, so job steps end cleanly.
 if [[ -r $RUN/slurmctld.pid ]] && timeout 5 scontrol ping 2>/dev/null | grep -q 'is UP'; then

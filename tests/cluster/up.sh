@@ -5,11 +5,16 @@
 #       127.0.0.1:2222, munged (shared by both sides through its Unix socket)
 #   c1 (network namespace "c1" + its own UTS namespace, hostname c1, 10.200.0.2): slurmd -N c1, sshd on
 #       10.200.0.2:22
+#   login2, a second login host (tests/cluster/login2.sh, run at the end): network namespace "login2"
+#       (10.200.1.2, routed to c1 through the root namespace), its own UTS namespace (hostname login2) and
+#       mount namespace (a private /tmp), its own sshd on 10.200.1.2:22, Slurm's client commands; test user
+#       carol. tests/cluster/on-host login|login2 USER CMD... runs a command as USER on either login host.
 #
-# The filesystem, users and /tmp are shared; a server bound to 127.0.0.1 inside c1 is reachable from the login
-# side only through ssh, as on a real cluster. Run as root. Idempotent: when everything is already up it only
-# re-checks health. Daemons it starts are recorded in /run/spunnel-test/*.pid ("PID STARTTIME"), and
-# down.sh stops exactly those. Facts and pitfalls behind the choices here: /work/shared/TESTBED.md.
+# The filesystem, users and /tmp are shared (but login2 has its own /tmp); a server bound to 127.0.0.1 inside c1
+# is reachable from the login side only through ssh, as on a real cluster. Run as root. Idempotent: when
+# everything is already up it only re-checks health. Daemons it starts are recorded in /run/spunnel-test/*.pid
+# ("PID STARTTIME"), and down.sh stops exactly those. Facts and pitfalls behind the choices here:
+# /work/shared/TESTBED.md.
 #
 # Environment knobs:
 #   SPUNNEL_SKIP_PROJECT=1     tolerate a project that does not install (installs jupyterlab, ipykernel and
@@ -282,7 +287,10 @@ MinJobAge=300
 ReturnToService=2
 InactiveLimit=0
 SlurmctldTimeout=30
-SlurmdTimeout=60
+# A node whose slurmd stopped answering is set DOWN (its jobs NODE_FAIL) about 30 s later (10 s and
+# the controller's ping round), not minutes: the node-failure test in tests/e2e/test_faults.py waits
+# for Slurm's own verdict. ReturnToService=2 returns the node to service when slurmd registers again.
+SlurmdTimeout=10
 
 NodeName=$NODE NodeAddr=$NODE_ADDR Sockets=1 CoresPerSocket=$NODE_CORES ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN
 PartitionName=interact Nodes=$NODE Default=YES MaxTime=8:00:00 State=UP
@@ -588,6 +596,10 @@ VENV=$VENV
 SSHD_LOGIN_PORT=$SSHD_LOGIN_PORT
 PROJECT_INSTALLED=$($project_ok && [[ -f $VENV_ROOT/.src-hash ]] && echo 1 || echo 0)
 EOF
+
+# ---------------------------------------------------------------------------------------------------------
+# 9b. The second login host (its own facts: /run/spunnel-login2/login2.env).
+bash "$REPO/tests/cluster/login2.sh" || die "tests/cluster/login2.sh failed (the second login host)"
 
 # ---------------------------------------------------------------------------------------------------------
 # 10. Summary

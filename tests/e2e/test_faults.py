@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -262,9 +263,9 @@ def test_stop_racing_a_start_leaves_nothing():
 UP = Path(__file__).resolve().parents[1] / "cluster" / "up.sh"
 
 
-def _kill_daemon(pidfile: str) -> int:
+def _kill_daemon(pidfile: str, sig: int = signal.SIGTERM) -> int:
     pid = int(Path(pidfile).read_text().split()[0])
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, sig)
     return pid
 
 
@@ -320,3 +321,272 @@ def test_munge_stopped_during_teardown_is_told_and_cleaned_by_stop():
     stop = as_user("alice", ["spunnel-notebook", "stop"])
     assert stop.returncode == 0 and f"cancelled job {job} left by an earlier session" in stop.stderr
     _next_start_removes(_runtime_dirs_left(timeout=10))
+
+
+def _jobs_ever(user: str) -> set[int]:
+    """Every job of ``user`` slurmctld still knows, ended ones included (MinJobAge is 300 s):
+    unlike sdiag's count of submitted jobs, other users' jobs do not move it."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-u", user, "-o", "%i"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return {int(line) for line in out.stdout.split()}
+
+
+def test_two_starts_racing_one_wins_the_other_names_it():
+    before = _jobs_ever("alice")
+    barrier = threading.Barrier(2)
+    sessions: list[Session] = []
+
+    def go() -> None:
+        barrier.wait()
+        sessions.append(start("alice", "-t", "10"))
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        # The loser waits for the winner's job to be named, then exits at once, submitting nothing.
+        deadline = time.monotonic() + 30
+        while all(s.proc.poll() is None for s in sessions):
+            assert time.monotonic() < deadline, [s.output for s in sessions]
+            time.sleep(0.05)
+        (loser,) = [s for s in sessions if s.proc.poll() is not None]
+        (winner,) = [s for s in sessions if s is not loser]
+        winner.wait_ready()
+        assert loser.finish() == 3, loser.output
+        told = [ln for ln in loser.output.splitlines() if ln.strip()]
+        assert told == [
+            "spunnel-notebook: error: you already have a session on this host: "
+            f"job {winner.job_id} on c1 (started by cli, phase starting) "
+            "(use it, or end it with `spunnel-notebook stop` first)"
+        ] or told == [
+            "spunnel-notebook: error: you already have a session on this host: "
+            f"job {winner.job_id} on c1, {winner.url} (started by cli, phase ready) "
+            "(use it, or end it with `spunnel-notebook stop` first)"
+        ], told
+        assert _jobs_ever("alice") - before == {winner.job_id}  # the loser submitted nothing
+        assert squeue("alice") == [f"{winner.job_id} RUNNING"]
+        _ctrl_c(winner)
+    finally:
+        for s in sessions:
+            s.close()
+    _assert_clean()
+
+
+def test_slurmctld_restarted_while_pending_then_the_job_starts(node_full):
+    s = start("alice", "--mem", "1000", "-t", "10")
+    try:
+        job = s.wait_for(r"job (\d+) PENDING \(Resources\)", timeout=30).group(1)
+        daemon = _kill_daemon("/run/slurmctld.pid")
+        try:
+            time.sleep(3)  # the session asks about its job meanwhile: no answer is no ending
+            assert s.proc.poll() is None, s.output
+        finally:
+            _daemons_back(daemon)
+        assert squeue("alice") == [f"{job} PENDING"]  # the restarted controller still has it
+        subprocess.run(["scancel", node_full], check=True)  # the node is free
+        s.wait_ready(timeout=60)
+        assert s.job_id == int(job)
+        assert "error" not in s.output, s.output
+        assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+        _ctrl_c(s)
+    finally:
+        s.close()
+    _assert_clean()
+
+
+def _on_the_login_host(left: list[str]) -> list[str]:
+    """``left`` less what is on the node c1: its processes (c1's network namespace; the test
+    cluster shares one process table) and runtime directories."""
+    node_net = f"net:[{os.stat('/run/netns/c1').st_ino}]"
+    login = []
+    for item in left:
+        if item.startswith("runtime dir left: "):
+            continue
+        if item.startswith("process "):
+            try:
+                if os.readlink(f"/proc/{item.split()[1].rstrip(':')}/ns/net") == node_net:
+                    continue
+            except OSError:
+                continue  # gone meanwhile
+        login.append(item)
+    return login
+
+
+def test_slurmd_killed_is_a_node_failure_told_and_cleaned():
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        job = s.job_id
+        t0 = time.monotonic()
+        daemon = _kill_daemon("/run/slurmd-c1.pid", signal.SIGKILL)
+        try:
+            # Jupyter runs on: the node is down once Slurm says so (SlurmdTimeout: ~30 s here).
+            assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+            assert s.finish(timeout=60) == 0, s.output
+            told = time.monotonic() - t0
+            assert (
+                f"session ended: job {job} lost its node (NODE_FAIL); job {job} gone from the "
+                "queue, tunnel closed" in s.output
+            ), s.output
+            assert squeue("alice") == []
+            # Nothing on the login host. On the node, with slurmd dead, the launcher and Jupyter
+            # live on (on a real cluster the node itself is gone) until slurmd is back.
+            _, left = wait_clean("alice", timeout=2)
+            assert not _on_the_login_host(left), left
+            print(f"told after {told:.1f} s; left on the node: {left}")
+        finally:
+            _daemons_back(daemon)  # slurmd registers again; ReturnToService=2 resumes the node
+        assert _node_state() in ("idle", "mix", "alloc", "comp"), _node_state()  # in service
+    finally:
+        s.close()
+    # The restarted slurmd ends the failed job's step on the node: the launcher cleans up (a
+    # directory it could not remove would be named here and removed by the next start).
+    _next_start_removes(_runtime_dirs_left(timeout=15))
+
+
+def _node_state() -> str:
+    out = subprocess.run(["sinfo", "-h", "-n", "c1", "-o", "%t"], capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+LISTEN = """
+import os, select, socket, sys
+held = []
+for path in sys.argv[1:]:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    os.chmod(path, 0o777)
+    s.listen()
+    held.append(s)
+print("listening", flush=True)
+got = 0
+while select.select([sys.stdin, *held], [], [])[0] != [sys.stdin]:
+    for s in select.select(held, [], [], 0)[0]:
+        conn, _ = s.accept()
+        conn.settimeout(1)
+        try:
+            got += 1 + len(conn.recv(65536))
+        except OSError:
+            got += 1
+print("got", got, flush=True)
+"""
+
+
+def _as_bob(*argv: str) -> None:
+    subprocess.run(["runuser", "-u", "bob", "--", *argv], check=True, cwd="/tmp")
+
+
+class _Listener:
+    """bob serving Unix sockets at ``paths``: counts every connection and byte he is sent."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            ["runuser", "-u", "bob", "--", "python3", "-c", LISTEN, *paths],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/tmp",
+        )  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "listening\n"
+
+    def received(self) -> int:
+        out, _ = self.proc.communicate("end\n", timeout=10)
+        return int(out.split()[-1])
+
+
+def _next_job_ids(count: int) -> list[int]:
+    """The ids the next jobs get: bob submits one (held) and cancels it. Other users of the
+    cluster may take some ids meanwhile, hence a range."""
+    out = subprocess.run(
+        ["runuser", "-u", "bob", "--", "sbatch", "--parsable", "--hold", "-t", "1", "--wrap",
+         "true"], capture_output=True, text=True, check=True, cwd="/tmp",
+    ).stdout  # fmt: skip
+    job = int(out.strip().split(";")[0])
+    subprocess.run(["scancel", str(job)], check=True)
+    return [job + n for n in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("plant", ["bob's directory", "symlink to alice's", "symlink to bob's",
+                                   "bob's socket"])  # fmt: skip
+def test_a_node_directory_pre_created_by_another_user_is_never_used(plant):
+    """bob guesses alice's next job ids and plants what he can at her node directory's path
+    (<node /tmp>/spunnel.JOB.0): she gets a fresh private directory, he gets nothing."""
+    alices = Path(tempfile.mkdtemp(prefix="alice-own-", dir="/home/alice"))
+    os.chown(alices, uid("alice"), uid("alice"))
+    bobs = Path(tempfile.mkdtemp(prefix="bob-own-", dir="/tmp"))
+    os.chown(bobs, uid("bob"), uid("bob"))
+    bobs.chmod(0o777)
+    planted, sockets = [], [str(bobs / "jupyter.sock")]
+    ids = _next_job_ids(5)
+    for job in ids:
+        path = Path(f"/tmp/spunnel.{job}.0")
+        planted.append(path)
+        if plant == "bob's directory":
+            _as_bob("mkdir", "-m", "0777", str(path))
+            sockets.append(str(path / "jupyter.sock"))
+        elif plant == "symlink to alice's":
+            _as_bob("ln", "-s", str(alices), str(path))
+        elif plant == "symlink to bob's":
+            _as_bob("ln", "-s", str(bobs), str(path))
+        else:
+            sockets.append(str(path))
+    listener = _Listener(sockets)
+    s = start("alice", "-t", "10")
+    try:
+        s.wait_ready()
+        assert s.job_id in ids, (s.job_id, ids)  # else other users took every guessed id
+        used = Path(_started_event("alice")["runtime_dir"])
+        assert used.parent == Path("/tmp") and used.name.startswith(f"spunnel.{s.job_id}.0.")
+        st = used.lstat()
+        assert st.st_uid == uid("alice") and stat.S_IMODE(st.st_mode) == 0o700
+        log = (state_dir("alice") / "session.log").read_text()
+        plant = f"/tmp/spunnel.{s.job_id}.0"
+        assert f"spunnel: {plant} already exists (owner uid {uid('bob')}): using {used}\n" in log
+        assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+        # Nor can bob reach alice's login-side sockets: they are in her 0700 state directory.
+        for name in ("tunnel.sock", "control.sock"):
+            sock = str(state_dir("alice") / name)
+            connect = f"import socket; socket.socket(socket.AF_UNIX).connect({sock!r})"
+            probe = as_user("bob", ["python3", "-c", connect])
+            assert "PermissionError" in probe.stderr, probe
+        _ctrl_c(s)
+    finally:
+        s.close()
+        got = listener.received()
+    assert got == 0  # not one connection, not one byte
+    assert not any(alices.iterdir()) and alices.stat().st_uid == uid("alice")
+    for path in planted:  # bob's plants are as he left them; then they go
+        assert path.lstat().st_uid == uid("bob")
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    subprocess.run(["rm", "-rf", str(alices), str(bobs)], check=True)
+    _assert_clean()
+
+
+@pytest.mark.parametrize("plant", ["symbolic link", "socket"])
+def test_a_state_directory_path_pre_created_as_a_link_or_socket_is_refused(plant):
+    """bob plants, at alice's state directory's path, a symlink to a directory of hers (whose
+    sockets he would then choose) or a socket of his own: she is refused, nothing submitted."""
+    path = state_dir("alice")
+    alices = Path(tempfile.mkdtemp(prefix="alice-own-", dir="/home/alice"))
+    os.chown(alices, uid("alice"), uid("alice"))
+    listener = None
+    if plant == "symbolic link":
+        _as_bob("ln", "-s", str(alices), str(path))
+    else:
+        listener = _Listener([str(path)])
+    try:
+        before = _jobs_ever("alice")
+        result = as_user("alice", ["spunnel-notebook", "-t", "10"])
+        assert result.returncode == 7, result
+        assert result.stderr == (
+            f"spunnel-notebook: error: state directory {path} is a {plant} of uid {uid('bob')}, "
+            "not a directory (set SPUNNEL_STATE_DIR (or c.SpunnelManager.state_dir) to a private "
+            "directory on a local filesystem, or ask your administrators to remove the offending "
+            "one)\n"
+        )
+        assert _jobs_ever("alice") == before and squeue("alice") == []
+        assert not any(alices.iterdir())
+    finally:
+        got = listener.received() if listener else 0
+        subprocess.run(["rm", "-rf", str(path), str(alices)], check=True)
+    assert got == 0
+    _assert_clean()
