@@ -249,10 +249,13 @@ class SpunnelManager(LoggingConfigurable):
         # Jobs this tool submitted from this host; with the lock ours, none has a live owner.
         tag = job_tag()
         named = (uncancelled or {}).get("job_id")
+        running = set()
         for job_id, comment, job_state in await self.slurm.my_jobs():
             if (comment.startswith(tag) or job_id == named) and job_state.active:
                 await self.slurm.cancel(job_id)
                 notes.append(f"cancelled job {job_id} left by an earlier session")
+            elif job_state.active:
+                running.add(job_id)
         state.remove(UNCANCELLED)
         record = record or {}
         for what in ("ssh", "srun"):
@@ -262,10 +265,10 @@ class SpunnelManager(LoggingConfigurable):
         state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET)
         if not notes:
             notes.append("removed the record of a session whose supervisor died")
-        if record.get("kind", "foreground") != "foreground" and record.get("job_id"):
+        if record.get("kind", "foreground") != "foreground" and record.get("job_id") in running:
             notes.append(
-                f"job {record['job_id']} (detached) may still run: `spunnel-notebook attach` "
-                "gets back to it, `spunnel-notebook stop` ends it"
+                f"job {record['job_id']} (detached) runs on: `spunnel-notebook attach` gets back "
+                "to it, `spunnel-notebook stop` ends it"
             )
         return notes
 

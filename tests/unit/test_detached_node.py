@@ -116,7 +116,10 @@ def test_a_follower_of_a_killed_launcher_ends_without_a_word(node):
     time.sleep(1)
     launcher.kill()  # no chance to say "exited": its .held lock goes with it
     launcher.wait()
-    out, _ = f.communicate(timeout=10)
+    try:
+        out, _ = f.communicate(timeout=10)
+    finally:  # its Jupyter, which Slurm would end with the step
+        subprocess.run(["pkill", "-KILL", "-f", str(base)], check=False)
     assert f.returncode == 0
     assert [e["event"] for e in events(out)] == ["token", "started", "ready"]
 
