@@ -3,8 +3,11 @@
 GET    spunnel/api/config           site defaults and the cluster's partitions (for the form)
 GET    spunnel/api/session          the session (404 when none; "last" says how the last ended)
 POST   spunnel/api/session          start one: 201; 400 bad input; 409 one runs; 503 no Slurm
-DELETE spunnel/api/session          stop it: 204 once torn down
+                                    ({"attach": JOBID}: a tunnel here to a detached session)
+DELETE spunnel/api/session          stop it: 204 once torn down (?detach=1: only this server's
+                                    tunnel to a detached session; its job runs on)
 GET    spunnel/api/session/events   text/event-stream of the session view on every change
+GET    spunnel/api/detached         the user's detached sessions, from any login host
 """
 
 from __future__ import annotations
@@ -86,12 +89,23 @@ class SessionHandler(SpunnelHandler):
     @web.authenticated
     async def delete(self) -> None:
         try:
-            await self.hub.stop()
+            await self.hub.stop(detach=self.get_argument("detach", "") == "1")
         except SpunnelError as e:
             self.fail(e)
             return
         self.set_status(204)
         self.finish()
+
+
+class DetachedHandler(SpunnelHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        try:
+            sessions = await self.hub.detached()
+        except SpunnelError as e:
+            self.fail(e)
+            return
+        self.finish(json.dumps({"sessions": sessions}))
 
 
 class EventsHandler(SpunnelHandler):
@@ -120,4 +134,5 @@ def handlers() -> list[tuple[str, type]]:
         (r"/spunnel/api/config", ConfigHandler),
         (r"/spunnel/api/session", SessionHandler),
         (r"/spunnel/api/session/events", EventsHandler),
+        (r"/spunnel/api/detached", DetachedHandler),
     ]

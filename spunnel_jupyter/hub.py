@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from .errors import NoSession
+from .errors import NoSession, UsageError
 from .manager import SpunnelManager
 from .protocol import public_view
 from .session import Session
@@ -42,9 +42,24 @@ class SessionHub:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    async def detached(self) -> list[dict[str, Any]]:
+        """This user's detached sessions (from any login host) other than this host's own."""
+        here = (self.current() or {}).get("job_id")
+        return [j.to_json() for j in await self.manager.detached() if j.job_id != here]
+
     async def start(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a session from the form's ``body``; ``{"attach": JOBID}`` attaches this server
+        to that detached session instead (a tunnel on this host; its job is not ours to end
+        unless stopped)."""
+        body = dict(body)
+        attach = body.pop("attach", None)
+        if attach is not None and (isinstance(attach, bool) or not isinstance(attach, int)):
+            raise UsageError("attach must be a job id (a number)", "see spunnel/api/detached")
         req = self.manager.request(body)
-        session = await self.manager.start(req, self._notify, owner="jupyterlab")
+        kind = "foreground" if attach is None else "attached"
+        session = await self.manager.start(
+            req, self._notify, owner="jupyterlab", kind=kind, job_id=attach
+        )
         self.session = session
         self._watcher = asyncio.ensure_future(self._forget_when_ended(session))
         self._notify()
@@ -58,10 +73,14 @@ class SessionHub:
             self.session = None
         self._notify()
 
-    async def stop(self) -> None:
-        """End the current session, whoever owns it; return once it is torn down."""
+    async def stop(self, detach: bool = False) -> None:
+        """End the current session, whoever owns it (``detach``: only this server's tunnel to
+        a detached session); return once it is torn down."""
         if self.session is not None and self.session.outcome is None:
-            self.session.request_stop("stopped from JupyterLab")
+            if detach:
+                self.session.request_stop("detached from JupyterLab")
+            else:
+                self.session.request_stop("stopped from JupyterLab", ends_job=True)
             await self.session.wait()
         elif self.manager.status() is not None:
             await self.manager.stop_running()

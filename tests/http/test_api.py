@@ -6,13 +6,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from tornado.httpclient import HTTPClientError
 
 API = ("spunnel", "api")
 ROUTES = [
+    ("GET", "detached"),
     ("GET", "config"),
     ("GET", "session"),
     ("POST", "session"),
@@ -199,3 +202,56 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+async def test_a_detached_session_is_listed_attached_detached_and_stopped(jp_fetch):
+    """Started detached in a terminal; the server lists it, attaches to it (a tunnel of its own:
+    the same token), detaches (the job runs on), and the terminal's `stop` ends it."""
+    cli = [sys.executable, "-m", "spunnel_jupyter.cli"]
+    started = subprocess.run(
+        [*cli, "--detach", "-t", "10", "--mem", "300"], capture_output=True, text=True, timeout=120
+    )
+    assert started.returncode == 0, started
+    token = started.stdout.split("?token=")[1].split()[0]
+    try:
+        code, listed = await _status(jp_fetch, "GET", "detached")
+        assert code == 200 and listed["sessions"] == []  # this host's own: the current session
+        subprocess.run([*cli, "stop"], check=True, capture_output=True, timeout=60)
+        started = subprocess.run(
+            [*cli, "--detach", "-t", "10", "--mem", "300"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert started.returncode == 0, started
+        token = started.stdout.split("?token=")[1].split()[0]
+        record = json.loads(
+            (Path(f"/tmp/spunnel-jupyter-{os.getuid()}") / "session.json").read_text()
+        )
+        job = record["job_id"]
+        os.kill(record["supervisor_pid"], signal.SIGKILL)  # its tunnel here is gone
+        time.sleep(0.5)
+        code, listed = await _status(jp_fetch, "GET", "detached")
+        assert code == 200, listed
+        (only,) = listed["sessions"]
+        assert only["job_id"] == job and only["state"] == "RUNNING" and only["node"] == "c1"
+        code, err = await _status(jp_fetch, "POST", "session", json.dumps({"attach": True}))
+        assert code == 400 and "attach must be a job id" in err["message"]
+        code, view = await _status(jp_fetch, "POST", "session", json.dumps({"attach": job}))
+        assert code == 201, view
+        assert view["kind"] == "attached" and view["job_id"] == job
+        for _ in range(300):
+            code, view = await _status(jp_fetch, "GET", "session")
+            if view.get("phase") in ("ready", "ended"):
+                break
+            await _sleep(0.1)
+        assert view["phase"] == "ready", view
+        assert "token" not in view and token not in json.dumps(view)
+        code, _ = await _status(jp_fetch, "DELETE", "session", params={"detach": "1"})
+        assert code == 204
+        assert _squeue() == [f"{job} RUNNING"]  # detached: the job runs on
+    finally:
+        subprocess.run([*cli, "stop"], capture_output=True, timeout=60)
+    for _ in range(100):
+        if not _squeue():
+            break
+        await _sleep(0.1)
+    assert _squeue() == []
