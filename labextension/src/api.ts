@@ -9,7 +9,7 @@ import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 import { IDisposable } from '@lumino/disposable';
 
-import { IConfig, StartRequest } from './logic';
+import { IConfig, IDetached, StartRequest } from './logic';
 
 export type Phase = 'pending' | 'starting' | 'ready' | 'ending' | 'ended';
 
@@ -25,6 +25,8 @@ export interface ISnapshot {
   times: { submitted: number; running?: number; ready?: number };
   ended_reason?: string;
   owner: 'cli' | 'jupyterlab';
+  /** foreground; detached (its job outlives the terminal); attached (a tunnel to one). */
+  kind?: 'foreground' | 'detached' | 'attached';
   tunnels: string[];
   port: number;
 }
@@ -77,10 +79,26 @@ export class SpunnelAPI {
     })) as ISnapshot;
   }
 
-  /** Stop the session; resolves once it is torn down (a session already gone is no error). */
-  async stop(): Promise<void> {
+  /** The user's detached sessions (from any login host) other than this host's own. */
+  async detached(): Promise<IDetached[]> {
+    return ((await this.request('detached')) as { sessions: IDetached[] }).sessions;
+  }
+
+  /** A tunnel on this host to detached session `job` (its URL then opens from here). */
+  async attach(job: number): Promise<ISnapshot> {
+    return (await this.request('session', {
+      method: 'POST',
+      body: JSON.stringify({ attach: job })
+    })) as ISnapshot;
+  }
+
+  /**
+   * Stop the session; resolves once it is torn down (a session already gone is no error).
+   * `detach`: close only this server's tunnel to a detached session; its job runs on.
+   */
+  async stop(detach = false): Promise<void> {
     try {
-      await this.request('session', { method: 'DELETE' });
+      await this.request(detach ? 'session?detach=1' : 'session', { method: 'DELETE' });
     } catch (e) {
       if (!(e instanceof SpunnelError && e.status === 404)) {
         throw e;

@@ -45,6 +45,24 @@ export interface IConfig {
   schema: IFormSchema;
 }
 
+/** One of GET spunnel/api/detached's sessions: a detached job, from any login host. */
+export interface IDetached {
+  job_id: number;
+  started_on: string;
+  state: string;
+  node: string;
+  end_time: number | null;
+  /** The login hosts holding a tunnel to it. */
+  attached_on: string[];
+}
+
+/** A detached session in one line, as `spunnel-notebook status` says it. */
+export function describeDetached(d: IDetached): string {
+  const where = d.node ? ` on ${d.node}` : '';
+  const tunnels = d.attached_on.length ? d.attached_on.join(', ') : 'none';
+  return `Job ${d.job_id} ${d.state}${where} (started on ${d.started_on}; tunnels on: ${tunnels})`;
+}
+
 /** What POST spunnel/api/session accepts: field name -> value; empty fields are left out. */
 export type StartRequest = Record<string, string | number>;
 

@@ -12,7 +12,7 @@ import { createRoot } from 'react-dom/client';
 
 import { ISnapshot, Phase, SpunnelAPI, SpunnelError } from './api';
 import { StartForm } from './form';
-import { duration, IConfig, StartRequest } from './logic';
+import { describeDetached, duration, IConfig, IDetached, StartRequest } from './logic';
 
 const PHASE_LABELS: Record<Phase, string> = {
   pending: 'Waiting for Slurm to allocate a node',
@@ -35,6 +35,7 @@ export class SpunnelPanel extends Widget {
       el('h2', {}, 'Jupyter on a compute node'),
       this.errorBox,
       this.notice,
+      this.detachedBox,
       this.form,
       this.status
     );
@@ -93,6 +94,7 @@ export class SpunnelPanel extends Widget {
     try {
       const [config, session] = await Promise.all([this.api.config(), this.api.session()]);
       this.config = config;
+      await this.loadDetached();
       this.fail(null);
       this.render();
       // The stream may already have said more recent things than this answer.
@@ -106,11 +108,22 @@ export class SpunnelPanel extends Widget {
     }
   }
 
-  private async start(req: StartRequest): Promise<void> {
+  /** The user's detached sessions (shown with Attach while this host has none); [] if unknown. */
+  private async loadDetached(): Promise<void> {
+    try {
+      this.detachedList = await this.api.detached();
+    } catch {
+      this.detachedList = [];
+    }
+    this.render();
+  }
+
+  private async start(req: StartRequest, attach?: number): Promise<void> {
     this.busy = true;
     this.render();
     try {
-      const snapshot = await this.api.start(req);
+      const snapshot =
+        attach === undefined ? await this.api.start(req) : await this.api.attach(attach);
       this.fail(null);
       this.display(snapshot);
     } catch (e) {
@@ -121,13 +134,14 @@ export class SpunnelPanel extends Widget {
     }
   }
 
-  private async stop(): Promise<void> {
+  private async stop(detach = false): Promise<void> {
     this.busy = true;
     this.render();
     try {
-      await this.api.stop();
+      await this.api.stop(detach);
       this.fail(null);
       this.display(await this.api.session());
+      await this.loadDetached();
     } catch (e) {
       this.fail(e);
     } finally {
@@ -137,8 +151,12 @@ export class SpunnelPanel extends Widget {
   }
 
   private display(snapshot: ISnapshot | null): void {
+    const ended = this.snapshot?.phase !== 'ended' && snapshot?.phase === 'ended';
     this.snapshot = snapshot;
     this.render();
+    if (ended) {
+      void this.loadDetached(); // a session that ended here may have been a tunnel to one
+    }
   }
 
   /** Show an error (message and remedy; with a Retry button when `retry` is given), or clear it. */
@@ -175,6 +193,7 @@ export class SpunnelPanel extends Widget {
     this.notice.hidden = !(s?.phase === 'ended');
     this.notice.textContent =
       s?.phase === 'ended' ? `The last session ended: ${s.ended_reason || 'no reason given'}.` : '';
+    this.renderDetached(live);
     if (!live) {
       return;
     }
@@ -200,6 +219,11 @@ export class SpunnelPanel extends Widget {
     if (s.owner === 'cli') {
       rows.push(['Started by', 'owner', 'spunnel-notebook, in a terminal']);
     }
+    if (s.kind === 'detached') {
+      rows.push(['Kind', 'kind', 'detached: runs on without its terminal']);
+    } else if (s.kind === 'attached') {
+      rows.push(['Kind', 'kind', 'attached: a tunnel here to a detached session']);
+    }
     const buttons = el('div', { class: 'jp-SpunnelPanel-buttons' });
     if (s.phase === 'ready') {
       const open = el(
@@ -209,6 +233,16 @@ export class SpunnelPanel extends Widget {
       );
       open.onclick = () => window.open(s.url, '_blank', 'noopener');
       buttons.append(open);
+    }
+    if (s.phase !== 'ending' && s.kind === 'attached' && s.owner === 'jupyterlab') {
+      const detach = el(
+        'button',
+        { class: 'jp-mod-styled', 'data-testid': 'spunnel-detach' },
+        'Detach'
+      );
+      detach.disabled = this.busy;
+      detach.onclick = () => void this.stop(true);
+      buttons.append(detach);
     }
     if (s.phase !== 'ending') {
       const stop = el(
@@ -237,6 +271,25 @@ export class SpunnelPanel extends Widget {
       buttons
     );
     this.tick();
+  }
+
+  /** The detached sessions, each with Attach, while this host has no live session. */
+  private renderDetached(live: boolean): void {
+    const list = live ? [] : this.detachedList;
+    this.detachedBox.hidden = list.length === 0;
+    this.detachedBox.replaceChildren(
+      el('h3', {}, 'Detached sessions'),
+      ...list.map(d => {
+        const attach = el(
+          'button',
+          { class: 'jp-mod-styled jp-mod-accept', 'data-testid': `spunnel-attach-${d.job_id}` },
+          'Attach'
+        );
+        attach.disabled = this.busy;
+        attach.onclick = () => void this.start({}, d.job_id);
+        return el('div', { class: 'jp-SpunnelPanel-detached' }, describeDetached(d), attach);
+      })
+    );
   }
 
   /** The form, once the config is loaded (rendered from its schema); "Loading…" until then. */
@@ -285,6 +338,12 @@ export class SpunnelPanel extends Widget {
     'data-testid': 'spunnel-notice',
     hidden: ''
   });
+  private readonly detachedBox = el('section', {
+    class: 'jp-SpunnelPanel-detachedList',
+    'data-testid': 'spunnel-detached',
+    hidden: ''
+  });
+  private detachedList: IDetached[] = [];
   private readonly form = el('div', {
     class: 'jp-SpunnelPanel-form',
     'data-testid': 'spunnel-form'

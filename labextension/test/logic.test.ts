@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 
 import {
+  describeDetached,
   duration,
   formSchema,
   IConfig,
@@ -214,5 +215,26 @@ describe('requestBody', () => {
 
   it('sends only fields of the schema', () => {
     assert.deepEqual(requestBody(schema, { mem: '1G', bogus: 'x' }), { mem: '1G' });
+  });
+});
+
+describe('describeDetached', () => {
+  it('says where the job runs and where its tunnels are, as the CLI does', () => {
+    const d = {
+      job_id: 812,
+      started_on: 'login1',
+      state: 'RUNNING',
+      node: 'c1',
+      end_time: null,
+      attached_on: ['login1', 'login2']
+    };
+    assert.equal(
+      describeDetached(d),
+      'Job 812 RUNNING on c1 (started on login1; tunnels on: login1, login2)'
+    );
+    assert.equal(
+      describeDetached({ ...d, state: 'PENDING', node: '', attached_on: [] }),
+      'Job 812 PENDING (started on login1; tunnels on: none)'
+    );
   });
 });

@@ -6,7 +6,10 @@ Fails (never skips) when chromium, Playwright or the cluster is missing.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +20,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from .browser import CHROMIUM_ARGS, VENV, Lab, chromium_path, jupyterlab
-from .cluster import squeue, start
+from .cluster import as_user, squeue, start, state_dir
 from .jupyter_client_util import execute
 
 try:
@@ -188,6 +191,36 @@ def test_panel_shows_and_stops_a_session_started_with_the_cli(
         assert squeue(USER) == []
     finally:
         cli.close()
+
+
+def test_panel_attaches_to_a_detached_session_and_detaches(
+    browser: Browser, cluster: dict[str, str], artifacts: Path
+) -> None:
+    started = as_user(USER, ["spunnel-notebook", "--detach", "-t", "10", "--mem", "300"], 120)
+    assert started.returncode == 0, started
+    record = json.loads((state_dir(USER) / "session.json").read_text())
+    job = record["job_id"]
+    os.kill(record["supervisor_pid"], signal.SIGKILL)  # as if its login host had gone away
+    time.sleep(0.5)
+    try:
+        browser.open_panel()
+        page = browser.page
+        attach = page.get_by_test_id(f"spunnel-attach-{job}")
+        expect(page.get_by_test_id("spunnel-detached")).to_contain_text(
+            f"Job {job} RUNNING on {cluster['NODE']}", timeout=30_000
+        )
+        page.screenshot(path=artifacts / "panel-detached-list.png")
+        attach.click()
+        expect(page.locator(READY)).to_be_visible(timeout=60_000)
+        expect(page.get_by_test_id("spunnel-job-id")).to_have_text(str(job))
+        expect(page.get_by_test_id("spunnel-kind")).to_contain_text("attached")
+        page.screenshot(path=artifacts / "panel-attached.png")
+        page.get_by_test_id("spunnel-detach").click()
+        expect(attach).to_be_visible(timeout=30_000)  # listed again: it runs on
+        assert squeue(USER) == [f"{job} RUNNING"]
+    finally:
+        as_user(USER, ["spunnel-notebook", "stop", str(job)], 60)
+    assert squeue(USER) == []
 
 
 def test_queued_job_shows_reason_and_elapsed_and_cancels(
