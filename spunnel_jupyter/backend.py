@@ -123,6 +123,7 @@ class JobInfo:
     reason: str = ""
     nodes: str = ""
     end_time: float | None = None  # epoch seconds; None when unknown or unlimited
+    start_time: float | None = None  # pending: when Slurm expects to start it, if it knows
 
 
 class SlurmBackend(Protocol):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .background import SUPERVISOR_FLAG
-from .console import AFTER_URL, PROG, Console, describe, url_block
+from .console import AFTER_URL, PROG, Console, describe, started_after_waiting, url_block
 from .errors import ExitCode, SpunnelError, UsageError
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ async def run_session(
     job_id: int | None = None,
 ) -> int:
     from .background import let_go_of_terminal
+    from .desktop import notify
     from .fields import options_from_args
     from .machine import Phase
 
@@ -126,14 +127,20 @@ async def run_session(
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
 
-    shown_ready = False
+    shown_ready = shown_start = False
     told = 0
 
     def on_change(session: Session) -> None:
-        nonlocal shown_ready, told
+        nonlocal shown_ready, shown_start, told
         for note in session.notes[told:]:
             console.say(f"{PROG}: {note}")
         told = len(session.notes)
+        if session.phase is not Phase.PENDING and not shown_start:
+            shown_start = True
+            started = started_after_waiting(session)
+            if started:  # the bell, and the desktop's notification: the user may be elsewhere
+                console.say(f"\a{PROG}: {started}")
+                notify("Jupyter on a compute node", f"{started}; Jupyter is starting")
         if session.phase is Phase.READY and not shown_ready:
             shown_ready = True
             block = url_block(manager, session.node, session.job_id, session.url, session.port)

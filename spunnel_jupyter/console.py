@@ -68,7 +68,11 @@ def describe(session: Session) -> str:
     if session.phase is Phase.PENDING:
         waited = format_duration(time.time() - session.times["submitted"])
         reason = f" ({session.reason})" if session.reason else ""
-        return f"{job} {session.job_state.value}{reason}, waiting {waited}"
+        expected = ""
+        if session.expected_start and session.expected_start > time.time():
+            at = time.strftime("%H:%M", time.localtime(session.expected_start))
+            expected = f", expected to start at {at}"
+        return f"{job} {session.job_state.value}{reason}, waiting {waited}{expected}"
     if session.phase is Phase.STARTING:
         return f"{job} RUNNING on {session.node or '?'}, starting Jupyter"
     if session.phase is Phase.READY:
@@ -98,3 +102,16 @@ AFTER_URL = {
     f"any login host), `{PROG} stop` ends it.",
     "attached": f"Ctrl-C detaches (the session runs on); `{PROG} stop` ends it.",
 }
+
+
+STARTED_AFTER = 10.0  # seconds in the queue after which the start is worth a bell
+
+
+def started_after_waiting(session: Session) -> str:
+    """ "job N started on NODE after M:SS in the queue", if it waited long enough to be told."""
+    from .backend import format_duration
+
+    waited = session.times.get("running", 0.0) - session.times["submitted"]
+    if waited <= STARTED_AFTER:
+        return ""
+    return f"job {session.job_id} started after {format_duration(waited)} in the queue"

@@ -200,6 +200,7 @@ class SessionRecord:
     tunnel_mode: str = ""
     notes: list[str] = field(default_factory=list)
     end_time: float | None = None
+    expected_start: float | None = None  # pending: when Slurm expects to start the job
     times: dict[str, float] = field(default_factory=dict)
     supervisor_pid: int = 0
     supervisor_start: int | None = None

@@ -94,6 +94,7 @@ class Session:
         self.reason = ""  # Slurm's pending reason
         self.node = ""
         self.end_time: float | None = None
+        self.expected_start: float | None = None  # pending: Slurm's guess, if it has one
         self.url = ""
         self.notes: list[str] = []  # things the user should be told, in order
         self.times: dict[str, float] = {"submitted": time.time()}
@@ -135,6 +136,7 @@ class Session:
             job_state=self.job_state.value, reason=self.reason, node=self.node, port=self.port,
             tunnels=[str(p) for p in self.req.tunnels], tunnel_state=self.tunnel_state.value,
             tunnel_mode=self.tunnel_mode, notes=self.notes[-20:], end_time=self.end_time,
+            expected_start=self.expected_start,
             times=self.times, ended_reason=self.outcome.reason if self.outcome else "",
         )  # fmt: skip
         if with_secrets:
@@ -241,7 +243,7 @@ class Session:
             self.announce(f"{event.message}; reconnecting")
         elif isinstance(event, JobPolled):
             if event.info.state is JobState.PENDING:
-                self._set(reason=event.info.reason)
+                self._set(reason=event.info.reason, expected_start=event.info.start_time)
             elif self.phase is Phase.READY and event.info.end_time:
                 self._set(end_time=event.info.end_time)
 

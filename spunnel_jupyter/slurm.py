@@ -169,6 +169,7 @@ class SlurmCLI(LoggingConfigurable):
             "" if fields.get("Reason") == "None" else fields.get("Reason", ""),
             "" if nodes == "(null)" else nodes,
             _epoch(fields.get("EndTime", "")),
+            _epoch(fields.get("StartTime", "")),
         )
 
     async def in_queue(self, job_id: int) -> bool:

@@ -21,6 +21,8 @@ export interface ISnapshot {
   reason: string;
   node: string;
   end_time: number | null;
+  /** While pending: when Slurm expects to start the job, if it knows. */
+  expected_start?: number | null;
   url: string;
   times: { submitted: number; running?: number; ready?: number };
   ended_reason?: string;

@@ -14,6 +14,9 @@ import { ISnapshot, Phase, SpunnelAPI, SpunnelError } from './api';
 import { StartForm } from './form';
 import { describeDetached, duration, IConfig, IDetached, StartRequest } from './logic';
 
+/** Seconds in the queue after which the start is worth a notification. */
+const STARTED_AFTER = 10;
+
 const PHASE_LABELS: Record<Phase, string> = {
   pending: 'Waiting for Slurm to allocate a node',
   starting: 'Starting Jupyter on the node',
@@ -118,7 +121,22 @@ export class SpunnelPanel extends Widget {
     this.render();
   }
 
+  /** The job started after waiting: a browser notification (the user may be in another tab). */
+  private tellStarted(s: ISnapshot): void {
+    const waited = (s.times.running ?? this.api.serverNow()) - s.times.submitted;
+    if (waited > STARTED_AFTER && 'Notification' in window) {
+      if (Notification.permission === 'granted') {
+        new Notification('Jupyter on a compute node', {
+          body: `Job ${s.job_id} started on ${s.node || 'its node'} after ${duration(waited)} in the queue`
+        });
+      }
+    }
+  }
+
   private async start(req: StartRequest, attach?: number): Promise<void> {
+    if ('Notification' in window && Notification.permission === 'default') {
+      void Notification.requestPermission(); // asked once, on first use: told when a job starts
+    }
     this.busy = true;
     this.render();
     try {
@@ -152,6 +170,9 @@ export class SpunnelPanel extends Widget {
 
   private display(snapshot: ISnapshot | null): void {
     const ended = this.snapshot?.phase !== 'ended' && snapshot?.phase === 'ended';
+    if (this.snapshot?.phase === 'pending' && snapshot && snapshot.phase !== 'pending') {
+      this.tellStarted(snapshot);
+    }
     this.snapshot = snapshot;
     this.render();
     if (ended) {
@@ -203,6 +224,10 @@ export class SpunnelPanel extends Widget {
     ];
     if (s.phase === 'pending' || (s.phase === 'starting' && s.reason)) {
       rows.push(['Reason', 'reason', s.reason || '–']);
+    }
+    if (s.phase === 'pending' && s.expected_start) {
+      const at = new Date(s.expected_start * 1000);
+      rows.push(['Expected start', 'expected-start', at.toLocaleTimeString()]);
     }
     if (s.phase === 'pending' || s.phase === 'starting') {
       rows.push(['Elapsed', 'elapsed', '']);

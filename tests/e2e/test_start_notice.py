@@ -1,0 +1,46 @@
+"""Told when it starts: a job that waited in the queue rings the terminal's bell when it starts,
+and a desktop session gets a notification; while it waits, Slurm's expected start is shown."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .cluster import start, wait_clean
+
+
+def test_a_start_after_waiting_rings_the_bell_and_tells_the_desktop(node_full):
+    # A stand-in for libnotify's notify-send (the real one, under Xvfb and a D-Bus session, is
+    # the desktop tests'): what the command would show on the user's desktop.
+    bindir = Path(tempfile.mkdtemp(prefix="notify-", dir="/tmp"))
+    said = bindir / "said"
+    (bindir / "notify-send").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {said}\n')
+    (bindir / "notify-send").chmod(0o755)
+    bindir.chmod(0o777)
+    s = start(
+        "alice", "--mem", "1000", "-t", "10", tty=True,
+        DISPLAY=":77", PATH=f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+    )  # fmt: skip
+    try:
+        s.wait_for(r"job \d+ PENDING \(Resources\), waiting 0:00:0\d, expected to start at "
+                   r"\d\d:\d\d", timeout=30)  # fmt: skip
+        time.sleep(11)  # long enough in the queue to be worth a bell
+        subprocess.run(["scancel", node_full], check=True)
+        m = s.wait_for(r"\x07spunnel-notebook: (job (\d+) started after 0:\d\d in the queue)", 60)
+        s.wait_ready()
+        assert said.read_text().splitlines() == [
+            "--app-name=spunnel-notebook",
+            "Jupyter on a compute node",
+            f"{m.group(1)}; Jupyter is starting",
+        ]
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+        shutil.rmtree(bindir, ignore_errors=True)
+    _took, left = wait_clean("alice", timeout=15)
+    assert not left, left
