@@ -187,6 +187,12 @@ class NodeChannel:
             )
         if reason == "signal" and exit_.get("signal") == "SIGUSR1" and job_id is not None:
             return Outcome(f"job {job_id} was stopped with `spunnel-notebook stop`", ends_job=True)
+        if reason == "idle":
+            return Outcome(
+                f"released after {exit_.get('minutes')} minutes with no busy kernel, terminal "
+                "activity or open connection (--idle-timeout)",
+                ends_job=True,
+            )
         if reason == "jupyter-exit":
             if exit_.get("code") == 0:
                 return Outcome("Jupyter was shut down (from its own menu or API)")

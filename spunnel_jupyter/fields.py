@@ -29,6 +29,14 @@ def _at_least_one(value: int) -> None:
         raise UsageError("--cpus-per-task must be at least 1", "e.g. -c 2")
 
 
+def _minutes(value: int) -> None:
+    if not 0 <= value <= 10080:
+        raise UsageError(
+            f"--idle-timeout {value} is out of range",
+            "give minutes from 1 to 10080, or 0 for never",
+        )
+
+
 @dataclass(frozen=True)
 class Field:
     name: str  # the REST/JSON name, the SpunnelManager trait (if a site default) and argparse dest
@@ -76,6 +84,10 @@ FIELDS: tuple[Field, ...] = (
     Field("tunnels", str, "Extra tunnels",
           "also forward login port SP to node port EP, like spunnel", ("--tunnel",),
           check=parse_port_pairs, metavar="SP:EP[,SP:EP...]", example="8001:8000"),
+    Field("idle_timeout", int, "Idle release (minutes)",
+          "end the session after this many minutes with no busy kernel, terminal activity or "
+          "open connection (0: never)", ("--idle-timeout",), check=_minutes, site_default=True,
+          default=0, metavar="MIN"),
     Field("tunnel_mode", str, "Tunnel mode",
           "forward: ssh from here to the node; reverse: the node dials back here (no sshd "
           "needed on nodes); auto (default): forward, else reverse", ("--tunnel-mode",),
@@ -95,6 +107,7 @@ class SessionRequest:
     ui: str = "lab"
     tunnels: list[PortPair] = field(default_factory=list)
     tunnel_mode: str = ""  # auto, forward or reverse; empty: SshTunnel.mode
+    idle_timeout: int = 0  # minutes without activity after which the session ends (0: never)
     from_site: frozenset[str] = frozenset()  # fields whose value is the site's default
 
     def srun_options(self) -> list[str]:
@@ -148,6 +161,7 @@ def build_request(
         ui=values["ui"] or "lab",
         tunnels=tunnels,
         tunnel_mode=values["tunnel_mode"] or "",
+        idle_timeout=values["idle_timeout"] or 0,
         from_site=frozenset(from_site),
     )
     for pair in req.tunnels:

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import signal
-import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -38,40 +36,9 @@ from .protocol import (
     NodeEvent,
     ProtocolError,
 )
+from .rundir import find_runtime_dir, launcher_alive
 
 POLL = 0.05  # seconds between looks at the launcher's files
-
-
-def find_runtime_dir(base: str, job_id: str) -> Path | None:
-    """The detached launcher's directory for ``job_id``: ours, 0700, a real directory, holding
-    its events (the newest restart's, if Slurm requeued the job)."""
-    found = []
-    for path in Path(base).glob(f"spunnel.{job_id}.*"):
-        with contextlib.suppress(OSError):
-            st = path.lstat()
-            if (
-                stat.S_ISDIR(st.st_mode)
-                and st.st_uid == os.getuid()
-                and stat.S_IMODE(st.st_mode) == 0o700
-                and (path / EVENTS_FILE).is_file()
-            ):
-                found.append((st.st_mtime, path))
-    return max(found)[1] if found else None
-
-
-def launcher_alive(rundir: Path) -> bool:
-    """The launcher holds ``.held`` locked for its whole life (launcher.hold)."""
-    try:
-        fd = os.open(rundir / ".held", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # (drops the shared lock if we got it)
-    return False
 
 
 class Follower:

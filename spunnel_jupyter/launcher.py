@@ -24,14 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import importlib.util
 import os
 import secrets
 import shutil
 import signal
 import socket
-import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -50,6 +48,7 @@ from .protocol import (
     VersionMismatch,
     ui_path,
 )
+from .rundir import hold, make_runtime_dir, private_file, remove_stale
 
 _PR_SET_CHILD_SUBREAPER = 36
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
@@ -70,57 +69,24 @@ def _emit_event(event: NodeEvent) -> None:
     emit(event.kind, **event.fields)
 
 
-def _private_file(path: Path, text: str = "") -> Any:
-    """A new 0600 file of ours at ``path`` (never through a link), open for appending."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    out = os.fdopen(fd, "a", buffering=1)
-    out.write(text)
-    out.flush()
-    return out
+_IDLE_SHUTDOWN = b" seconds; shutting down."  # jupyter_server's shutdown_no_activity says so
 
 
-def hold(rundir: Path) -> int:
-    """Lock ``rundir/.held`` for this launcher's life (the kernel drops it however we die): a
-    directory whose lock is free belongs to a launcher that is gone."""
-    fd = os.open(rundir / ".held", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
-
-
-def remove_stale(base: str) -> list[str]:
-    """Remove our runtime directories whose launcher is gone (killed with SIGKILL, so it could
-    not clean up: Jupyter's token file would stay behind). Returns what was removed."""
-    removed = []
-    for path in Path(base).glob("spunnel.*"):
-        with contextlib.suppress(OSError):
-            st = path.lstat()
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-                continue
-            fd = os.open(path / ".held", os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its launcher is gone
-            finally:
-                os.close(fd)
-            shutil.rmtree(path)
-            removed.append(str(path))
-    return removed
-
-
-def make_runtime_dir(base: str, job_id: str, restart: str) -> Path:
-    """Create ``base/spunnel.JOB.RESTART`` (0700) or, if someone else's is there, a fresh one."""
-    path = Path(base) / f"spunnel.{job_id}.{restart}"
-    try:
-        os.mkdir(path, 0o700)
-        return path
-    except FileExistsError:
-        st = path.lstat()
-        if path.is_dir() and not path.is_symlink() and st.st_uid == os.getuid():
-            os.chmod(path, 0o700)
-            return path
-    # Pre-created by another user: never use it, and never fail because of it.
-    fresh = Path(tempfile.mkdtemp(prefix=f"{path.name}.", dir=base))
-    sys.stderr.write(f"spunnel: {path} already exists (owner uid {st.st_uid}): using {fresh}\n")
-    return fresh
+def idle_args(minutes: int) -> list[str]:
+    """Jupyter's own idle release: idle kernels and terminals culled (busy or connected kernels
+    spared), then the server ends itself with no kernel, terminal or request left."""
+    if minutes <= 0:
+        return []
+    seconds = minutes * 60
+    return [
+        f"--ServerApp.shutdown_no_activity_timeout={seconds}",
+        f"--MappingKernelManager.cull_idle_timeout={seconds}",
+        "--MappingKernelManager.cull_interval=30",
+        "--MappingKernelManager.cull_busy=False",
+        "--MappingKernelManager.cull_connected=False",
+        f"--TerminalManager.cull_inactive_timeout={seconds}",
+        "--TerminalManager.cull_interval=30",
+    ]
 
 
 def _no_nesting(rundir: Path) -> str:
@@ -171,6 +137,8 @@ class Launcher:
         self.args = settings.jupyter_args
         self.start_timeout = float(settings.start_timeout)
         self.stop_grace = float(settings.stop_grace)
+        self.idle_timeout = int(settings.idle_timeout)
+        self.idled = False  # Jupyter said it shut itself down for want of activity
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         self.stopping = asyncio.Event()
@@ -202,11 +170,11 @@ class Launcher:
         """Detached: the token, the events and Jupyter's log go to files in ``rundir`` for the
         followers (the token file first: a follower that sees events can read it)."""
         global _events
-        _private_file(rundir / TOKEN_FILE, self.token).close()
-        log = _private_file(rundir / JUPYTER_LOG)
+        private_file(rundir / TOKEN_FILE, self.token).close()
+        log = private_file(rundir / JUPYTER_LOG)
         os.dup2(log.fileno(), sys.stderr.fileno())
         log.close()
-        _events = _private_file(rundir / EVENTS_FILE)
+        _events = private_file(rundir / EVENTS_FILE)
 
     async def _serve(self, rundir: Path) -> int:
         sock = rundir / "jupyter.sock"
@@ -245,6 +213,7 @@ class Launcher:
             "--ServerApp.open_browser=False",
             "--ServerApp.jpserver_extensions=spunnel_jupyter=False",  # no sessions from sessions
             f"--ServerApp.default_url={ui_path(self.ui)}",
+            *idle_args(self.idle_timeout),
             *self.args,
         ]
         jupyter = await asyncio.create_subprocess_exec(
@@ -290,6 +259,8 @@ class Launcher:
             emit("exited", reason="signal", signal=self.signal_name)
         elif self.failure:
             emit("exited", reason="tunnel-error", message=self.failure)
+        elif self.idled and jupyter.returncode == 0:
+            emit("exited", reason="idle", minutes=self.idle_timeout)
         elif not failed:
             emit("exited", reason="jupyter-exit", code=jupyter.returncode)
         code = jupyter.returncode
@@ -326,6 +297,7 @@ class Launcher:
         while True:
             chunk = await stream.read(65536)
             data = (carry + chunk).replace(token, mask) if token else carry + chunk
+            self.idled = self.idled or _IDLE_SHUTDOWN in data
             cut = next((n for n in range(len(token) - 1, 0, -1) if data.endswith(token[:n])), 0)
             carry, out = (data[-cut:], data[:-cut]) if chunk and cut else (b"", data)
             with contextlib.suppress(OSError):

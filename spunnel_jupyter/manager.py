@@ -43,6 +43,12 @@ class SpunnelManager(LoggingConfigurable):
     time = Unicode("", config=True, help="Default time limit, e.g. '2:00:00'.")
     cpus_per_task = Int(0, config=True, help="Default CPUs (0: Slurm's default).")
     ui = TEnum(["lab", "notebook"], "lab", config=True, help="Default UI: 'lab' or 'notebook'.")
+    idle_timeout = Int(
+        0,
+        config=True,
+        help="""Default --idle-timeout: minutes with no busy kernel, terminal activity or open
+        connection after which a session ends, freeing its allocation (0: never).""",
+    )
     srun_args = List(
         Unicode(),
         [],

@@ -83,6 +83,7 @@ class LauncherSettings:
     jupyter_args: list[str] = field(default_factory=list)
     start_timeout: float = 300.0
     stop_grace: float = 1.0
+    idle_timeout: int = 0  # minutes; Jupyter ends itself after that long without activity
     version: int = VERSION
 
     def line(self) -> bytes:
@@ -116,7 +117,7 @@ def reverse_command(plan: dict[str, Any]) -> bytes:
 # -- events: launcher -> login side --------------------------------------------------------------
 STARTED, READY, EXITED, TUNNEL = "started", "ready", "exited", "tunnel"
 TOKEN = "token"  # noqa: S105 (an event: a follower says Jupyter's token first, never logged)
-EXIT_REASONS = ("error", "signal", "tunnel-error", "jupyter-exit", "version")
+EXIT_REASONS = ("error", "signal", "tunnel-error", "jupyter-exit", "version", "idle")
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,7 @@ class Session:
             options = self.req.srun_options()
             self._log.write(f"spunnel: submitting with {' '.join(options)}\n".encode())
             token = self.token if self.kind == "foreground" else ""  # detached: the node's own
-            await self.channel.start(options, self.tag, self.settings.launcher(token, self.req.ui))
+            await self.channel.start(options, self.tag, self.settings.launcher(token, self.req))
             self._save()
         except BaseException:
             self.control.close()

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from .backend import SlurmBackend
+from .fields import SessionRequest
 from .protocol import LauncherSettings
 from .tunnel import SshTunnel
 
@@ -30,10 +31,11 @@ class SessionSettings:
     refresh_interval: float
     logs_kept: int
 
-    def launcher(self, token: str, ui: str) -> LauncherSettings:
+    def launcher(self, token: str, req: SessionRequest) -> LauncherSettings:
         """What the launcher on the node is told (an empty ``token``: it makes its own)."""
         return LauncherSettings(
-            token=token, ui=ui, runtime_base=self.runtime_base,
+            token=token, ui=req.ui, runtime_base=self.runtime_base,
             jupyter_command=list(self.jupyter_command), jupyter_args=list(self.jupyter_args),
             start_timeout=self.start_timeout, stop_grace=self.jupyter_stop_grace,
+            idle_timeout=req.idle_timeout,
         )  # fmt: skip

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from spunnel_jupyter.follow import find_runtime_dir
 from spunnel_jupyter.protocol import EVENT_PREFIX, LauncherSettings
+from spunnel_jupyter.rundir import find_runtime_dir
 
 FAKE_JUPYTER = Path(__file__).resolve().parents[1] / "fakes" / "fake_jupyter.py"
 JOB = "4242"

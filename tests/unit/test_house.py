@@ -261,7 +261,7 @@ def test_no_import_cycles_and_no_module_over_400_lines():
     assert not cycles, f"import cycles through {cycles}"
 
 
-NODE_SIDE = ("launcher", "follow", "dialback", "protocol", "probes", "process", "errors")
+NODE_SIDE = ("launcher", "follow", "dialback", "rundir", "protocol", "probes", "process", "errors")
 
 
 def test_the_node_side_stays_standard_library_only():

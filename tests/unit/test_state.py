@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from spunnel_jupyter.errors import StateError
-from spunnel_jupyter.launcher import make_runtime_dir
+from spunnel_jupyter.rundir import make_runtime_dir
 from spunnel_jupyter.state import StateDir, filesystem_type
 
 
@@ -131,7 +131,7 @@ def test_probing_the_lock_never_makes_a_start_fail(tmp_path):
 
 
 def _launcher_holding(base, ready):
-    from spunnel_jupyter.launcher import hold
+    from spunnel_jupyter.rundir import hold
 
     hold(make_runtime_dir(str(base), "7", "0"))
     ready.set()
@@ -139,7 +139,7 @@ def _launcher_holding(base, ready):
 
 
 def test_a_killed_launchers_directory_is_removed_by_the_next_one(tmp_path):
-    from spunnel_jupyter.launcher import remove_stale
+    from spunnel_jupyter.rundir import remove_stale
 
     ready = multiprocessing.Event()
     live = multiprocessing.Process(target=_launcher_holding, args=(tmp_path, ready))
