@@ -279,9 +279,14 @@ class SpunnelManager(LoggingConfigurable):
             pid = record.get(f"{what}_pid")
             if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
-        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET)
+        # Each --tunnel pair's and runtime forward's socket too (ports.py names them port-SP.sock).
+        pairs = [path.name for path in state.path.glob("port-*.sock")]
+        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET, *pairs)
         if not notes:
-            notes.append("removed the record of a session whose supervisor died")
+            pid = record.get("supervisor_pid", "?")
+            notes.append(
+                f"removed the record and sockets of a session whose supervisor died (pid {pid})"
+            )
         return notes
 
     def status(self) -> dict[str, Any] | None:

@@ -12,14 +12,18 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from .browser import free_port as _free_port
+from .browser import jupyterlab
 from .cluster import (
     Session,
     as_user,
     jobs_submitted,
+    leftovers,
     procs_of,
     squeue,
     start,
@@ -589,4 +593,55 @@ def test_a_state_directory_path_pre_created_as_a_link_or_socket_is_refused(plant
         got = listener.received() if listener else 0
         subprocess.run(["rm", "-rf", str(path), str(alices)], check=True)
     assert got == 0
+    _assert_clean()
+
+
+def _post_session(lab, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{lab.port}/spunnel/api/session", data=json.dumps(body).encode(),
+        method="POST", headers={"Authorization": f"token {lab.token}"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def test_jupyterlab_server_killed_ends_its_session_and_the_next_start_names_the_rest(artifacts):
+    """A session's supervisor is the JupyterLab server that started it: SIGKILLed (the OOM killer),
+    srun and ssh die with it (PR_SET_PDEATHSIG), srun's SIGUSR1 ends the launcher and the job.
+    Only files are left (a dead process cannot remove them); the next start names and removes
+    them."""
+    pair = f"{_free_port()}:8000"
+    with jupyterlab("alice", artifacts) as lab:
+        code, view = _post_session(lab, {"time": "10", "tunnels": pair})
+        assert code == 201, view
+        deadline = time.monotonic() + 60
+        while view["phase"] != "ready":
+            assert time.monotonic() < deadline, view
+            time.sleep(0.2)
+            code, view = lab.api("GET", "/spunnel/api/session")
+        server = lab.proc.pid
+        os.kill(server, signal.SIGKILL)  # the server only
+        lab.proc.wait(10)
+        killed = time.monotonic()
+    sdir = state_dir("alice")
+    local = pair.split(":")[0]
+    files = {"session.json", "control.sock", "tunnel.sock", f"port-{local}.sock"}
+    expected = {f"file left: {sdir}/{name}" for name in ("session.json", "control.sock")}
+    expected |= {f"socket left: {sdir}/{name}" for name in files if name.endswith(".sock")}
+    while set(left := leftovers("alice")) != expected:  # job, srun, ssh, launcher, lock: gone
+        assert time.monotonic() - killed < 5, left
+        time.sleep(0.05)
+    print(f"job, processes and lock gone {time.monotonic() - killed:.2f} s after the SIGKILL")
+    assert squeue("alice") == [] and files <= {path.name for path in sdir.iterdir()}
+    again = start("alice", "-t", "10")
+    try:
+        again.wait_ready()
+        assert (
+            "spunnel-notebook: removed the record and sockets of a session whose supervisor died "
+            f"(pid {server})\n" in again.output
+        ), again.output
+        assert not (sdir / f"port-{local}.sock").exists()  # the new session has no such pair
+        _ctrl_c(again)
+    finally:
+        again.close()
     _assert_clean()
