@@ -274,16 +274,19 @@ class SpunnelManager(LoggingConfigurable):
                 await self.slurm.cancel(job_id)
                 notes.append(f"cancelled job {job_id} left by an earlier session")
         state.remove(UNCANCELLED)
-        record = record or {}
+        left = record or {}
         for what in ("ssh", "srun"):
-            pid = record.get(f"{what}_pid")
-            if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
+            pid = left.get(f"{what}_pid")
+            if process.signal_if_alive(pid, left.get(f"{what}_start"), signal.SIGKILL):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
         # Each --tunnel pair's and runtime forward's socket too (ports.py names them port-SP.sock).
         pairs = [path.name for path in state.path.glob("port-*.sock")]
         state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET, *pairs)
-        if not notes:
-            pid = record.get("supervisor_pid", "?")
+        if not notes and record is None:  # only an unconfirmed end to retry: the job ended since
+            job = f"job {named}" if named else "the job"
+            notes.append(f"{job}, whose end an earlier session could not confirm, has ended")
+        elif not notes:
+            pid = left.get("supervisor_pid", "?")
             notes.append(
                 f"removed the record and sockets of a session whose supervisor died (pid {pid})"
             )

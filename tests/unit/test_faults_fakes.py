@@ -154,6 +154,22 @@ def test_teardown_slurm_cannot_confirm_is_bounded_and_the_next_start_cancels_the
     fake.assert_clean(m)
 
 
+def test_an_unconfirmed_end_whose_job_ended_since_is_told_so_by_stop(fake):
+    m = SpunnelManager(config=fake.config(SpunnelManager=TEARDOWN))
+
+    async def scenario():
+        s, _ = await end_unconfirmed(fake, m, "controller_down")
+        slurm_back(fake, "controller_down")
+        assert fake.scancel(s.job_id).returncode == 0  # it ended meanwhile (here: scancel)
+        return s, await m.stop_running()
+
+    s, said = run(scenario())
+    # Not a "record of a session whose supervisor died": there was none, and no supervisor died.
+    assert said == f"job {s.job_id}, whose end an earlier session could not confirm, has ended"
+    assert len(fake.calls("scancel")) == 2  # the teardown's, refused; the one above
+    fake.assert_clean(m)
+
+
 def test_munge_down_is_told_as_slurm_unavailable_not_as_a_refusal(fake):
     fake.switch("munge_down")
     m = SpunnelManager(config=fake.config())
