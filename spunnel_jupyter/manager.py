@@ -316,13 +316,19 @@ class SpunnelManager(LoggingConfigurable):
             if notes:
                 return "; ".join(notes)
             raise NoSession("no session is running on this host", "start one with spunnel-notebook")
-        try:
-            await self.control("stop")
-        except (OSError, asyncio.TimeoutError, SpunnelError):
-            record = state.read() or {}
-            process.signal_if_alive(
-                record.get("supervisor_pid"), record.get("supervisor_start"), signal.SIGTERM
-            )
+
+        async def asked() -> bool:  # a start holding the lock may serve no control socket yet
+            try:
+                await self.control("stop")
+            except NoSession:
+                return True
+            except (OSError, asyncio.TimeoutError, SpunnelError):
+                record = state.read() or {}
+                pid, started = record.get("supervisor_pid"), record.get("supervisor_start")
+                return process.signal_if_alive(pid, started, signal.SIGTERM)
+            return True
+
+        await probes.wait_until(asked, timeout=timeout, cap=0.05)
 
         async def unlocked() -> bool:
             return not state.is_locked()

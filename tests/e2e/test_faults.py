@@ -251,8 +251,12 @@ def test_stop_racing_a_start_leaves_nothing():
         s = start("alice", "-t", "10")
         try:
             time.sleep(delay)
+            asked = time.monotonic()
             stop = as_user("alice", ["spunnel-notebook", "stop"])
             assert stop.returncode in (0, 8), stop  # stopped it, or it was not there yet
+            # A stop that came between the allocation and the step's launch once took 11 s (srun
+            # dropped the SIGUSR1), one before the start's control socket 20 s, in vain.
+            assert time.monotonic() - asked < 5, stop
             if stop.returncode == 8:
                 as_user("alice", ["spunnel-notebook", "stop"])  # again, now it runs
             assert s.finish(timeout=30) in (0, 130), s.output

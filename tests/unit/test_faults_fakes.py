@@ -170,6 +170,26 @@ def test_an_unconfirmed_end_whose_job_ended_since_is_told_so_by_stop(fake):
     fake.assert_clean(m)
 
 
+def test_stop_while_a_start_holds_the_lock_before_its_control_socket_still_stops_it(fake):
+    m, other = SpunnelManager(config=fake.config()), SpunnelManager(config=fake.config())
+
+    async def scenario():
+        fake.switch("slurm_delay", "0.5")  # sinfo is slow: the start holds the lock meanwhile
+        starting = asyncio.ensure_future(start(m))
+        await until(lambda: m.state().is_locked(), what="the start's lock")
+        assert not (fake.state_dir / "control.sock").exists() and m.status() is None
+        stopping = asyncio.ensure_future(other.stop_running())
+        s = await starting
+        fake.unswitch("slurm_delay")
+        return await s.wait(), await stopping
+
+    outcome, said = run(scenario())
+    # It once found no control socket and no record, sent nothing and waited 20 s in vain.
+    assert said == "session stopped"
+    assert outcome.reason == "stopped with `spunnel-notebook stop` or from JupyterLab"
+    fake.assert_clean(m)
+
+
 def test_munge_down_is_told_as_slurm_unavailable_not_as_a_refusal(fake):
     fake.switch("munge_down")
     m = SpunnelManager(config=fake.config())
