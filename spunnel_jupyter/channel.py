@@ -226,16 +226,24 @@ class NodeChannel:
     async def stop(self, grace: float) -> bool:
         """Ask the launcher to end (srun forwards SIGUSR1): Jupyter stops, the node is cleaned,
         the step and the job end without the extra second a cancelled running step costs. While
-        the job pends, srun revokes it. True once srun has exited."""
+        the job pends, srun revokes it. True once srun has exited.
+
+        Sent again every 0.25 s: srun drops one that comes between the allocation and the
+        launch of the step (a stop racing the start), and the launcher would run on."""
         srun = self.srun
         if srun is None or srun.returncode is not None:
             return True
-        srun.send_signal(signal.SIGUSR1)
-        try:
-            await asyncio.wait_for(srun.wait(), grace)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        deadline = asyncio.get_running_loop().time() + grace
+        while True:
+            with contextlib.suppress(ProcessLookupError):
+                srun.send_signal(signal.SIGUSR1)
+            left = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(srun.wait(), min(0.25, max(left, 0)))
+                return True
+            except asyncio.TimeoutError:
+                if left <= 0.25:
+                    return False
 
     async def end_step(self, job_id: int | None) -> None:
         """End srun and the step: SIGUSR1 (``stop``), else cancel and kill srun."""

@@ -263,17 +263,25 @@ class SpunnelManager(LoggingConfigurable):
             elif job_state.active:
                 running.add(job_id)
         state.remove(UNCANCELLED)
-        record = record or {}
+        left = record or {}
         for what in ("ssh", "srun"):
-            pid = record.get(f"{what}_pid")
-            if process.signal_if_alive(pid, record.get(f"{what}_start"), signal.SIGKILL):
+            pid = left.get(f"{what}_pid")
+            if process.signal_if_alive(pid, left.get(f"{what}_start"), signal.SIGKILL):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
-        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET)
-        if not notes:
-            notes.append("removed the record of a session whose supervisor died")
-        if record.get("kind", "foreground") != "foreground" and record.get("job_id") in running:
+        # Each --tunnel pair's and runtime forward's socket too (ports.py names them port-SP.sock).
+        pairs = [path.name for path in state.path.glob("port-*.sock")]
+        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET, *pairs)
+        if not notes and record is None:  # only an unconfirmed end to retry: the job ended since
+            job = f"job {named}" if named else "the job"
+            notes.append(f"{job}, whose end an earlier session could not confirm, has ended")
+        elif not notes:
+            pid = left.get("supervisor_pid", "?")
             notes.append(
-                f"job {record['job_id']} (detached) runs on: `spunnel-notebook attach` gets back "
+                f"removed the record and sockets of a session whose supervisor died (pid {pid})"
+            )
+        if left.get("kind", "foreground") != "foreground" and left.get("job_id") in running:
+            notes.append(
+                f"job {left['job_id']} (detached) runs on: `spunnel-notebook attach` gets back "
                 "to it, `spunnel-notebook stop` ends it"
             )
         return notes
@@ -326,13 +334,18 @@ class SpunnelManager(LoggingConfigurable):
         return await end_detached(self.slurm, job, grace, self.stop_timeout)
 
     async def _stop_here(self, state: StateDir, timeout: float) -> str:
-        try:
-            await self.control("stop")
-        except (OSError, asyncio.TimeoutError, SpunnelError):
-            record = state.read() or {}
-            process.signal_if_alive(
-                record.get("supervisor_pid"), record.get("supervisor_start"), signal.SIGTERM
-            )
+        async def asked() -> bool:  # a start holding the lock may serve no control socket yet
+            try:
+                await self.control("stop")
+            except NoSession:
+                return True
+            except (OSError, asyncio.TimeoutError, SpunnelError):
+                record = state.read() or {}
+                pid, started = record.get("supervisor_pid"), record.get("supervisor_start")
+                return process.signal_if_alive(pid, started, signal.SIGTERM)
+            return True
+
+        await probes.wait_until(asked, timeout=timeout, cap=0.05)
 
         async def unlocked() -> bool:
             return not state.is_locked()

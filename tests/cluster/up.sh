@@ -287,10 +287,11 @@ MinJobAge=300
 ReturnToService=2
 InactiveLimit=0
 SlurmctldTimeout=30
-# A node whose slurmd stopped answering is set DOWN (its jobs NODE_FAIL) about 30 s later (10 s and
-# the controller's ping round), not minutes: the node-failure test in tests/e2e/test_faults.py waits
-# for Slurm's own verdict. ReturnToService=2 returns the node to service when slurmd registers again.
-SlurmdTimeout=10
+# A node whose slurmd stopped answering is set DOWN (its jobs NODE_FAIL) about 50 s later (30 s and
+# the controller's ping rounds), not minutes: the node-failure test in tests/e2e/test_faults.py waits
+# for Slurm's own verdict. Not shorter: munge stopped for a teardown (~15 s) must not down the node.
+# ReturnToService=2 returns the node to service when slurmd registers again.
+SlurmdTimeout=30
 
 NodeName=$NODE NodeAddr=$NODE_ADDR Sockets=1 CoresPerSocket=$NODE_CORES ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN
 PartitionName=interact Nodes=$NODE Default=YES MaxTime=8:00:00 State=UP

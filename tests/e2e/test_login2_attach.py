@@ -94,7 +94,7 @@ def test_attached_from_the_second_login_host_after_the_first_one_lost_everything
     assert squeue("alice") == []
     # The first host's supervisor died with SIGKILL: its record is named and cleaned there next.
     cleaned = as_user("alice", [PROG, "stop"])
-    assert "removed the record of a session whose supervisor died" in cleaned.stderr, cleaned
+    assert "removed the record and sockets of a session whose supervisor" in cleaned.stderr, cleaned
     _took, left = wait_clean_everywhere("alice", TEARDOWN)
     assert not left, left
 

@@ -154,6 +154,42 @@ def test_teardown_slurm_cannot_confirm_is_bounded_and_the_next_start_cancels_the
     fake.assert_clean(m)
 
 
+def test_an_unconfirmed_end_whose_job_ended_since_is_told_so_by_stop(fake):
+    m = SpunnelManager(config=fake.config(SpunnelManager=TEARDOWN))
+
+    async def scenario():
+        s, _ = await end_unconfirmed(fake, m, "controller_down")
+        slurm_back(fake, "controller_down")
+        assert fake.scancel(s.job_id).returncode == 0  # it ended meanwhile (here: scancel)
+        return s, await m.stop_running()
+
+    s, said = run(scenario())
+    # Not a "record of a session whose supervisor died": there was none, and no supervisor died.
+    assert said == f"job {s.job_id}, whose end an earlier session could not confirm, has ended"
+    assert len(fake.calls("scancel")) == 2  # the teardown's, refused; the one above
+    fake.assert_clean(m)
+
+
+def test_stop_while_a_start_holds_the_lock_before_its_control_socket_still_stops_it(fake):
+    m, other = SpunnelManager(config=fake.config()), SpunnelManager(config=fake.config())
+
+    async def scenario():
+        fake.switch("slurm_delay", "0.5")  # sinfo is slow: the start holds the lock meanwhile
+        starting = asyncio.ensure_future(start(m))
+        await until(lambda: m.state().is_locked(), what="the start's lock")
+        assert not (fake.state_dir / "control.sock").exists() and m.status() is None
+        stopping = asyncio.ensure_future(other.stop_running())
+        s = await starting
+        fake.unswitch("slurm_delay")
+        return await s.wait(), await stopping
+
+    outcome, said = run(scenario())
+    # It once found no control socket and no record, sent nothing and waited 20 s in vain.
+    assert said == "session stopped"
+    assert outcome.reason == "stopped with `spunnel-notebook stop` or from JupyterLab"
+    fake.assert_clean(m)
+
+
 def test_munge_down_is_told_as_slurm_unavailable_not_as_a_refusal(fake):
     fake.switch("munge_down")
     m = SpunnelManager(config=fake.config())

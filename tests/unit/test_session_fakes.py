@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import time
@@ -815,6 +816,9 @@ def test_a_record_without_a_job_is_removed_at_the_next_start(fake):
         return s
 
     s = run(scenario())
-    assert s.notes[0] == "removed the record of a session whose supervisor died"
+    assert re.fullmatch(
+        r"removed the record and sockets of a session whose supervisor died \(pid \d+\)",
+        s.notes[0],
+    ), s.notes
     assert len(fake.calls("scancel")) == 0
     fake.assert_clean(m)
