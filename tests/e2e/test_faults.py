@@ -540,33 +540,37 @@ def test_a_node_directory_pre_created_by_another_user_is_never_used(plant):
     listener = _Listener(sockets)
     s = start("alice", "-t", "10")
     try:
-        s.wait_ready()
-        assert s.job_id in ids, (s.job_id, ids)  # else other users took every guessed id
-        used = Path(_started_event("alice")["runtime_dir"])
-        assert used.parent == Path("/tmp") and used.name.startswith(f"spunnel.{s.job_id}.0.")
-        st = used.lstat()
-        assert st.st_uid == uid("alice") and stat.S_IMODE(st.st_mode) == 0o700
-        log = (state_dir("alice") / "session.log").read_text()
-        plant = f"/tmp/spunnel.{s.job_id}.0"
-        assert f"spunnel: {plant} already exists (owner uid {uid('bob')}): using {used}\n" in log
-        assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
-        # Nor can bob reach alice's login-side sockets: they are in her 0700 state directory.
-        for name in ("tunnel.sock", "control.sock"):
-            sock = str(state_dir("alice") / name)
-            connect = f"import socket; socket.socket(socket.AF_UNIX).connect({sock!r})"
-            probe = as_user("bob", ["python3", "-c", connect])
-            assert "PermissionError" in probe.stderr, probe
-        _ctrl_c(s)
+        _alice_runs_beside(s, ids)
     finally:
         s.close()
         got = listener.received()
+        kept = [path.lstat().st_uid == uid("bob") for path in planted]
+        untouched = not any(alices.iterdir()) and alices.stat().st_uid == uid("alice")
+        subprocess.run(["rm", "-rf", *map(str, planted), str(alices), str(bobs)], check=True)
     assert got == 0  # not one connection, not one byte
-    assert not any(alices.iterdir()) and alices.stat().st_uid == uid("alice")
-    for path in planted:  # bob's plants are as he left them; then they go
-        assert path.lstat().st_uid == uid("bob")
-        subprocess.run(["rm", "-rf", str(path)], check=True)
-    subprocess.run(["rm", "-rf", str(alices), str(bobs)], check=True)
+    assert all(kept) and untouched  # bob's plants are as he left them, alice's directory too
     _assert_clean()
+
+
+def _alice_runs_beside(s: Session, ids: list[int]) -> None:
+    """alice's session, started with bob's plants at ``ids``: in a directory of her own."""
+    s.wait_ready()
+    assert s.job_id in ids, (s.job_id, ids)  # else other users took every guessed id
+    used = Path(_started_event("alice")["runtime_dir"])
+    assert used.parent == Path("/tmp") and used.name.startswith(f"spunnel.{s.job_id}.0.")
+    st = used.lstat()
+    assert st.st_uid == uid("alice") and stat.S_IMODE(st.st_mode) == 0o700
+    log = (state_dir("alice") / "session.log").read_text()
+    planned = f"/tmp/spunnel.{s.job_id}.0"
+    assert f"spunnel: {planned} already exists (owner uid {uid('bob')}): using {used}\n" in log
+    assert execute(s.port, s.token, "print(6 * 7)").strip() == "42"
+    # Nor can bob reach alice's login-side sockets: they are in her 0700 state directory.
+    for name in ("tunnel.sock", "control.sock"):
+        sock = str(state_dir("alice") / name)
+        connect = f"import socket; socket.socket(socket.AF_UNIX).connect({sock!r})"
+        probe = as_user("bob", ["python3", "-c", connect])
+        assert "PermissionError" in probe.stderr, probe
+    _ctrl_c(s)
 
 
 @pytest.mark.parametrize("plant", ["symbolic link", "socket"])
