@@ -15,9 +15,7 @@ from typing import Any
 from . import probes
 from .backend import JobState, SlurmBackend
 from .errors import NoSession, SpunnelError, UsageError
-from .protocol import follower_name, parse_detached_tag
-
-_FOLLOWER = follower_name("")  # "spunnel-attach@" + host
+from .protocol import FOLLOWER_PREFIX, parse_detached_tag
 
 
 @dataclass
@@ -58,9 +56,9 @@ async def detached_jobs(slurm: SlurmBackend) -> list[DetachedJob]:
         info = await slurm.job(job.job_id)
         job.node, job.end_time = info.nodes, info.end_time
         job.attached_on = sorted(
-            name.removeprefix(_FOLLOWER)
+            name.removeprefix(FOLLOWER_PREFIX)
             for step, name in steps
-            if step.partition(".")[0] == str(job.job_id) and name.startswith(_FOLLOWER)
+            if step.partition(".")[0] == str(job.job_id) and name.startswith(FOLLOWER_PREFIX)
         )
     return sorted(jobs, key=lambda j: j.job_id)
 

@@ -60,9 +60,12 @@ def parse_detached_tag(comment: str) -> str | None:
     return host if prefix == DETACHED_PREFIX and host and session_id else None
 
 
+FOLLOWER_PREFIX = "spunnel-attach@"
+
+
 def follower_name(host: str = "") -> str:
     """The name of an attached host's step in a detached job: where its tunnels are."""
-    return f"spunnel-attach@{host or socket.gethostname()}"
+    return FOLLOWER_PREFIX + (host or socket.gethostname())
 
 
 class ProtocolError(ValueError):
