@@ -36,7 +36,6 @@ CLI = [
     (["--idle-timeout", "-5"], 2, "not a whole number"),
     (["--idle-timeout", "99999"], 2, "out of range"),
     (["--detach", "--", "--pty"], 2, "not a terminal"),
-    (["attach", "--port", "0"], 2, "out of range"),
     (["-p", "interact,nosuch"], 2, "unknown partition 'nosuch'"),
     (["-p", "debug,interact", "-t", "9:00:00"], 2, "exceeds partition 'debug'"),
     (["--", "--nodes=2"], 2, "one node"),

@@ -168,6 +168,8 @@ def test_several_detached_sessions_are_listed_and_taken_by_job_id():
     assert ambiguous.returncode == 2, ambiguous
     assert "you have 2 detached sessions" in ambiguous.stderr
     assert f"{PROG} attach JOBID" in ambiguous.stderr
+    bad_port = as_user("alice", [PROG, "attach", str(jobs[0]), "--port", "0"])
+    assert bad_port.returncode == 2 and "out of range" in bad_port.stderr, bad_port
     unknown = as_user("alice", [PROG, "attach", "999999"])
     assert unknown.returncode == 8 and "not a detached session of yours" in unknown.stderr
     for job in jobs:
