@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,7 +24,16 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .background import SUPERVISOR_FLAG
-from .console import AFTER_URL, PROG, Console, describe, started_after_waiting, url_block
+from .console import (
+    AFTER_URL,
+    PROG,
+    Console,
+    describe,
+    show_status,
+    started_after_waiting,
+    time_limit_warning,
+    url_block,
+)
 from .errors import ExitCode, SpunnelError, UsageError
 
 if TYPE_CHECKING:
@@ -160,7 +168,7 @@ async def run_session(
         return ExitCode.SIGINT
     holder["s"] = session
     on_change(session)
-    ticker = asyncio.ensure_future(_tick(session, console)) if console.tty else None
+    ticker = asyncio.ensure_future(_tick(session, console, list(manager.warn_before)))
     outcome = await session.wait()
     if ticker:
         ticker.cancel()
@@ -184,55 +192,18 @@ async def run_session(
     return outcome.exit_code
 
 
-async def _tick(session: Session, console: Console) -> None:
-    """Refresh the progress line each second (elapsed pending time, time left)."""
+async def _tick(session: Session, console: Console, warn_before: list[int]) -> None:
+    """Each second: refresh the progress line on a terminal (elapsed pending time, time left),
+    and warn, with the bell, when the time limit is ``warn_before`` minutes away."""
+    due = sorted(set(warn_before), reverse=True)
     while True:
         await asyncio.sleep(1)
-        console.progress(describe(session))
-
-
-def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int:
-    from .backend import format_duration
-    from .protocol import public_view
-
-    record = manager.status()
-    elsewhere, unknown = [], ""
-    try:
-        here = record.get("job_id") if record else None
-        elsewhere = [j for j in asyncio.run(manager.detached()) if j.job_id != here]
-    except SpunnelError as e:
-        unknown = f"your detached sessions are unknown: {e}"
-    if as_json:
-        view = public_view(record) if record else None
-        if elsewhere:
-            view = {**(view or {}), "detached_elsewhere": [j.to_json() for j in elsewhere]}
-        console.say(json.dumps(view, indent=1, sort_keys=True), sys.stdout)
-        return ExitCode.OK if view else ExitCode.NO_SESSION
-    others = [f"  {job.describe()}" for job in elsewhere] + ([f"  ({unknown})"] if unknown else [])
-    if others:
-        others.insert(0, f"detached sessions (`{PROG} attach JOBID`, `{PROG} stop JOBID`):")
-    if record is None:
-        console.say("\n".join([f"{PROG}: no session is running on this host", *others]))
-        return ExitCode.OK if elsewhere else ExitCode.NO_SESSION
-    left = ""
-    if record.get("end_time"):
-        left = f", {format_duration(record['end_time'] - time.time())} left"
-    kind = "" if record.get("kind", "foreground") == "foreground" else f" {record['kind']}"
-    lines = [
-        f"session{kind} on {record.get('host')}: {record.get('phase')} "
-        f"(started from {record.get('owner')}, supervisor pid {record.get('supervisor_pid')})",
-        f"  job {record.get('job_id') or '?'} {record.get('job_state', '')} "
-        f"on {record.get('node') or '?'}{left}",
-    ]
-    if record.get("reason"):
-        lines.append(f"  pending reason: {record['reason']}")
-    if record.get("url"):
-        lines.append(f"  URL: {record['url']}")
-    if record.get("tunnels"):
-        lines.append(f"  extra tunnels: {', '.join(record['tunnels'])}")
-    lines.append(f"  stop it with `{PROG} stop`")
-    console.say("\n".join([*lines, *others]), sys.stdout)
-    return ExitCode.OK
+        if console.tty:
+            console.progress(describe(session))
+        left = session.time_left
+        if due and left is not None and left <= due[0] * 60:
+            console.say(f"\a{PROG}: {time_limit_warning(session.job_id, left)}")
+            due = [minutes for minutes in due if left > minutes * 60]  # once each, even if late
 
 
 def attach(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:

@@ -1,4 +1,5 @@
-"""What the user of ``spunnel-notebook`` sees: the progress line, the URL block, errors.
+"""What the user of ``spunnel-notebook`` sees: the progress line, the URL block, warnings, the
+status, errors.
 
 Progress and status go to stderr (one updating line on a terminal), the URL block to stdout.
 Writes never fail: the terminal may be gone (SIGHUP, or a detached supervisor's).
@@ -6,13 +7,15 @@ Writes never fail: the terminal may be gone (SIGHUP, or a detached supervisor's)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import SpunnelError
+from .errors import ExitCode, SpunnelError
 
 if TYPE_CHECKING:
     from .manager import SpunnelManager
@@ -115,3 +118,58 @@ def started_after_waiting(session: Session) -> str:
     if waited <= STARTED_AFTER:
         return ""
     return f"job {session.job_id} started after {format_duration(waited)} in the queue"
+
+
+def time_limit_warning(job_id: object, left: float) -> str:
+    """The warning as the terminal shows it (the node's JupyterLab and the panel say the same)."""
+    minutes = max(1, round(left / 60))
+    unit = "minute" if minutes == 1 else "minutes"
+    return (
+        f"job {job_id} reaches its time limit in {minutes} {unit}: save your work (the session "
+        "saves open notebooks before it ends)"
+    )
+
+
+def show_status(manager: SpunnelManager, as_json: bool, console: Console) -> int:
+    """`status`: this host's session, and the user's detached sessions elsewhere."""
+    from .backend import format_duration
+    from .protocol import public_view
+
+    record = manager.status()
+    elsewhere, unknown = [], ""
+    try:
+        here = record.get("job_id") if record else None
+        elsewhere = [j for j in asyncio.run(manager.detached()) if j.job_id != here]
+    except SpunnelError as e:
+        unknown = f"your detached sessions are unknown: {e}"
+    if as_json:
+        view = public_view(record) if record else None
+        if elsewhere:
+            view = {**(view or {}), "detached_elsewhere": [j.to_json() for j in elsewhere]}
+        console.say(json.dumps(view, indent=1, sort_keys=True), sys.stdout)
+        return ExitCode.OK if view else ExitCode.NO_SESSION
+    others = [f"  {job.describe()}" for job in elsewhere] + ([f"  ({unknown})"] if unknown else [])
+    if others:
+        others.insert(0, f"detached sessions (`{PROG} attach JOBID`, `{PROG} stop JOBID`):")
+    if record is None:
+        console.say("\n".join([f"{PROG}: no session is running on this host", *others]))
+        return ExitCode.OK if elsewhere else ExitCode.NO_SESSION
+    left = ""
+    if record.get("end_time"):
+        left = f", {format_duration(record['end_time'] - time.time())} left"
+    kind = "" if record.get("kind", "foreground") == "foreground" else f" {record['kind']}"
+    lines = [
+        f"session{kind} on {record.get('host')}: {record.get('phase')} "
+        f"(started from {record.get('owner')}, supervisor pid {record.get('supervisor_pid')})",
+        f"  job {record.get('job_id') or '?'} {record.get('job_state', '')} "
+        f"on {record.get('node') or '?'}{left}",
+    ]
+    if record.get("reason"):
+        lines.append(f"  pending reason: {record['reason']}")
+    if record.get("url"):
+        lines.append(f"  URL: {record['url']}")
+    if record.get("tunnels"):
+        lines.append(f"  extra tunnels: {', '.join(record['tunnels'])}")
+    lines.append(f"  stop it with `{PROG} stop`")
+    console.say("\n".join([*lines, *others]), sys.stdout)
+    return ExitCode.OK

@@ -49,7 +49,8 @@ class ConfigHandler(SpunnelHandler):
             return
         defaults = manager.defaults()
         schema = json_schema(defaults, [p.name for p in partitions])
-        body = {"defaults": defaults, "partitions": [p.to_json() for p in partitions]}
+        body = {"defaults": defaults, "partitions": [p.to_json() for p in partitions],
+                "warn_before": list(manager.warn_before)}  # fmt: skip
         self.finish(json.dumps({**body, "schema": schema}))
 
 

@@ -111,6 +111,13 @@ class SpunnelManager(LoggingConfigurable):
         config=True,
         help="Seconds between job queries (scontrol) while the session runs (for the time left).",
     )
+    warn_before = List(
+        Int(),
+        [10, 1],
+        config=True,
+        help="""Minutes before a session's time limit at which the user is warned (the terminal,
+        the JupyterLab panel, the node's JupyterLab).""",
+    )
     detach = Bool(
         False,
         config=True,

@@ -43,6 +43,24 @@ export interface IConfig {
   defaults: Record<string, unknown>;
   partitions: IPartition[];
   schema: IFormSchema;
+  /** Minutes before the time limit at which the user is warned. */
+  warn_before?: number[];
+}
+
+/** The warnings due with `left` seconds to go that were not given yet (largest first). */
+export function dueWarnings(warnBefore: number[], given: Set<number>, left: number): number[] {
+  return [...new Set(warnBefore)]
+    .filter(minutes => !given.has(minutes) && left <= minutes * 60)
+    .sort((a, b) => b - a);
+}
+
+/** A time-limit warning, as the terminal says it. */
+export function timeLimitWarning(job: number | null, left: number): string {
+  const minutes = Math.max(1, Math.round(left / 60));
+  return (
+    `Job ${job ?? '?'} reaches its time limit in ${minutes} minute${minutes === 1 ? '' : 's'}: ` +
+    'save your work (the session saves open notebooks before it ends)'
+  );
 }
 
 /** One of GET spunnel/api/detached's sessions: a detached job, from any login host. */

@@ -12,7 +12,17 @@ import { createRoot } from 'react-dom/client';
 
 import { ISnapshot, Phase, SpunnelAPI, SpunnelError } from './api';
 import { StartForm } from './form';
-import { describeDetached, duration, IConfig, IDetached, StartRequest } from './logic';
+import { Notification as LabNotification } from '@jupyterlab/apputils';
+
+import {
+  describeDetached,
+  dueWarnings,
+  duration,
+  IConfig,
+  IDetached,
+  StartRequest,
+  timeLimitWarning
+} from './logic';
 
 /** Seconds in the queue after which the start is worth a notification. */
 const STARTED_AFTER = 10;
@@ -350,6 +360,17 @@ export class SpunnelPanel extends Widget {
     if (remaining) {
       remaining.textContent = s.end_time === null ? 'no limit' : duration(s.end_time - now);
     }
+    if (s.phase === 'ready' && s.end_time !== null && this.config) {
+      const left = s.end_time - now;
+      const due = dueWarnings(this.config.warn_before ?? [], this.warned, left);
+      if (due.length) {
+        due.forEach(minutes => this.warned.add(minutes));
+        const text = timeLimitWarning(s.job_id, left);
+        LabNotification.warning(text, { autoClose: false });
+        this.notice.textContent = text;
+        this.notice.hidden = false;
+      }
+    }
   }
 
   private readonly errorBox = el('div', {
@@ -380,6 +401,8 @@ export class SpunnelPanel extends Widget {
   /** undefined until the server said anything; null: no session. */
   private snapshot: ISnapshot | null | undefined = undefined;
   private busy = false;
+  /** The time-limit warnings already given (minutes before the end). */
+  private warned = new Set<number>();
   private ticker = 0;
   private stream: IDisposable | null = null;
 }

@@ -7,6 +7,7 @@ import { describe, it } from 'node:test';
 
 import {
   describeDetached,
+  dueWarnings,
   duration,
   formSchema,
   IConfig,
@@ -14,7 +15,8 @@ import {
   IPartition,
   partitionLabel,
   requestBody,
-  testId
+  testId,
+  timeLimitWarning
 } from '../src/logic';
 
 const INTERACT: IPartition = {
@@ -236,5 +238,24 @@ describe('describeDetached', () => {
       describeDetached({ ...d, state: 'PENDING', node: '', attached_on: [] }),
       'Job 812 PENDING (started on login1; tunnels on: none)'
     );
+  });
+});
+
+describe('time-limit warnings', () => {
+  it('are due once each, when the time left crosses them, the largest first', () => {
+    const given = new Set<number>();
+    assert.deepEqual(dueWarnings([10, 1], given, 3600), []);
+    assert.deepEqual(dueWarnings([10, 1], given, 599), [10]);
+    given.add(10);
+    assert.deepEqual(dueWarnings([10, 1], given, 300), []);
+    assert.deepEqual(dueWarnings([10, 1], new Set(), 30), [10, 1]); // joined late: both
+  });
+  it('say what the terminal says', () => {
+    assert.equal(
+      timeLimitWarning(812, 61),
+      'Job 812 reaches its time limit in 1 minute: save your work (the session saves open ' +
+        'notebooks before it ends)'
+    );
+    assert.match(timeLimitWarning(812, 600), /in 10 minutes:/);
   });
 });

@@ -31,7 +31,8 @@ def test_a_start_after_waiting_rings_the_bell_and_tells_the_desktop(node_full):
                    r"\d\d:\d\d", timeout=75)  # fmt: skip
         time.sleep(1)  # and it has waited long enough in the queue to be worth a bell
         subprocess.run(["scancel", node_full], check=True)
-        m = s.wait_for(r"\x07spunnel-notebook: (job (\d+) started after 0:0\d:\d\d in the queue)", 60)
+        started = r"\x07spunnel-notebook: (job (\d+) started after 0:0\d:\d\d in the queue)"
+        m = s.wait_for(started, 60)
         s.wait_ready()
         assert said.read_text().splitlines() == [
             "--app-name=spunnel-notebook",
@@ -43,5 +44,30 @@ def test_a_start_after_waiting_rings_the_bell_and_tells_the_desktop(node_full):
     finally:
         s.close()
         shutil.rmtree(bindir, ignore_errors=True)
+    _took, left = wait_clean("alice", timeout=15)
+    assert not left, left
+
+
+def test_the_terminal_warns_before_the_time_limit(tmp_path):
+    site = Path(tempfile.mkdtemp(prefix="site-config-", dir="/tmp"))
+    site.chmod(0o755)
+    config = site / "jupyter_spunnel_jupyter_config.json"
+    config.write_text('{"SpunnelManager": {"warn_before": [2, 1]}}')
+    config.chmod(0o644)
+    s = start("alice", "-t", "2", env_path=str(site))
+    try:
+        s.wait_ready()
+        began = time.monotonic()
+        first = (
+            r"\x07spunnel-notebook: job (\d+) reaches its time limit in 2 minutes: save your work"
+        )
+        s.wait_for(first, timeout=30)  # due as soon as the end time is known
+        s.wait_for(r"\x07spunnel-notebook: job \d+ reaches its time limit in 1 minute:", 90)
+        assert 40 <= time.monotonic() - began <= 90
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+    finally:
+        s.close()
+        shutil.rmtree(site, ignore_errors=True)
     _took, left = wait_clean("alice", timeout=15)
     assert not left, left
