@@ -185,8 +185,6 @@ class NodeChannel:
             raise JupyterError(
                 f"Jupyter failed on {node or 'the node'}: {exit_.get('message')}", where
             )
-        if reason == "signal" and exit_.get("signal") == "SIGUSR1" and job_id is not None:
-            return Outcome(f"job {job_id} was stopped with `spunnel-notebook stop`", ends_job=True)
         if reason == "idle":
             return Outcome(
                 f"released after {exit_.get('minutes')} minutes with no busy kernel, terminal "
@@ -205,6 +203,9 @@ class NodeChannel:
         if state not in ENDINGS:  # the controller may lag or be away; Slurm's last words tell
             if "DUE TO TIME LIMIT" in said:
                 state = JobState.TIMEOUT
+            elif reason == "signal" and exit_.get("signal") == "SIGUSR1":  # a detached job's stop
+                stopped = f"job {job_id} was stopped with `spunnel-notebook stop`"
+                return Outcome(stopped, ends_job=True)
             elif "CANCELLED" in said or reason == "signal":
                 state = JobState.CANCELLED
         if state in ENDINGS:

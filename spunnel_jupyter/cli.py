@@ -211,9 +211,11 @@ def attach(manager: SpunnelManager, args: argparse.Namespace, console: Console) 
     one to it, its URL and progress. Ctrl-C detaches either way."""
     record = manager.status()
     if record and record.get("kind") == "detached" and args.job in (None, record.get("job_id")):
-        block = url_block(manager, record["node"], record["job_id"], record["url"], record["port"])
-        console.say(f"{block} {AFTER_URL['attached']}", sys.stdout)
-        try:
+        try:  # from the first word on: Ctrl-C only detaches
+            block = url_block(
+                manager, record["node"], record["job_id"], record["url"], record["port"]
+            )
+            console.say(f"{block} {AFTER_URL['attached']}", sys.stdout)
             while manager.status() is not None:
                 time.sleep(1)
         except KeyboardInterrupt:
