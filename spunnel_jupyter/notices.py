@@ -75,6 +75,12 @@ def spell(seconds: float) -> str:
     return f"{s} s"
 
 
+def warning_text(left: str, job_id: str) -> str:
+    """A warning as JupyterLab shows it (a notification shows 140 characters at most)."""
+    return (f"Jupyter stops in {left} (job {job_id}'s time limit). Open documents are saved "
+            "just before it: save your work and finish what runs.")  # fmt: skip
+
+
 def due_warning(
     end_time: float, warn_before: list[int], issued: set[int], now: float
 ) -> int | None:
@@ -145,8 +151,7 @@ class Notices:
         warning = due_warning(end, self.warn_before, self.issued, now)
         if warning is not None:
             left = spell(end - now)
-            text = (f"This Jupyter stops in {left}: job {self.job_id} reaches its time limit. "
-                    "Open documents are saved just before; save and finish your work.")  # fmt: skip
+            text = warning_text(left, self.job_id)
             self.warnings.append({"id": f"{self.job_id}-{end:.0f}-{warning}", "text": text,
                                   "at": now})  # fmt: skip
             sys.stderr.write(f"spunnel: warned: {left} left\n")

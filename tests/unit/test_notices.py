@@ -85,6 +85,8 @@ def test_durations_are_spelled_for_people():
     assert [spell(s) for s in (600, 100, 60, 59.6, 3600, 3900)] == [
         "10 min", "1 min 40 s", "1 min", "1 min", "1 h", "1 h 5 min",
     ]  # fmt: skip
+    longest = notices.warning_text(spell(3599), "1234567890")
+    assert len(longest) <= 140, longest  # what a JupyterLab notification shows
     assert notices.sane_warnings([60, "x", 600, -5, True, 60.5, 60]) == [600, 60]
     assert notices.sane_warnings(None) == []
 
