@@ -74,6 +74,11 @@ def test_the_time_limit_is_warned_shown_and_saved_before(tmp_path, artifacts):
             assert first.count() == 2  # both notifications stay until dismissed
             page.wait_for_timeout(1000)  # the notification's slide-in
             page.screenshot(path=str(artifacts / "node-time-limit-warnings.png"))
+            # A launcher tab in front of the notebook: the node has no spunnel panel (no sessions
+            # from sessions), and the save below does not need the notebook to be the current tab.
+            page.locator(".lm-TabBar-addButton:not(.lm-mod-hidden)").first.click()
+            page.locator('.jp-LauncherCard[data-category="Notebook"]').first.wait_for()
+            assert page.locator(".jp-LauncherCard", has_text="compute node").count() == 0
             until(lambda: "saved before the limit" in cell_source(node.notebook), node.left())
             saved_left = node.left()
             assert 20 <= saved_left <= 32, saved_left  # about max(save_grace + 10, 30) s ahead
