@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -192,15 +193,33 @@ def node_session(
         session.port = relay.port
         yield session
     finally:
+        if launcher.poll() is None:  # the test failed half-way: the launcher cleans up on SIGTERM
+            launcher.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                launcher.wait(20)
         if launcher.poll() is None:
             launcher.kill()
         launcher.wait()
+        left = _kill_processes_under(tmp_path)  # Jupyter and kernels, if the launcher could not
         if relay is not None:
             relay.close()
         reader.join(5)
         (artifacts / f"node-{tmp_path.name}.log").write_text(
             log.read_text(errors="replace").replace(settings.token, "<token>")
         )
+    assert not left, f"processes left behind by the launcher: {left}"
+
+
+def _kill_processes_under(path: Path) -> list[str]:
+    """SIGKILL every process whose command line names ``path``; what they were."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if any(str(path).encode() in arg for arg in argv) and int(proc.name) != os.getpid():
+                os.kill(int(proc.name), signal.SIGKILL)
+                found.append(f"{proc.name}: {b' '.join(argv)[:120].decode(errors='replace')}")
+    return found
 
 
 class TcpRelay:
