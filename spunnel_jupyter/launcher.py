@@ -8,6 +8,11 @@ one event line (protocol.py) per event: ``started``, ``ready`` (with the socket 
 (with why). When Jupyter exits or the task is signalled (scancel, walltime, srun interrupted) it
 stops Jupyter and every process Jupyter left behind, removes the directory, and exits.
 
+Inside the node's Jupyter it loads a small server extension of its own (node_extension.py) and the
+JupyterLab plugin ``spunnel-jupyter:node``: the time left, warnings before the time limit, and a
+save of every open document before a planned end (stop, Ctrl-C, scancel, the time limit), bounded
+by ``save_grace`` and spent only while a browser is connected (notices.py).
+
 The token arrives on stdin and reaches Jupyter through its environment: never on a command line.
 
 ``--detached``: run as a batch job's script (``spunnel-notebook --detach``), so that nothing on the
@@ -25,6 +30,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -37,9 +43,12 @@ from typing import Any
 
 from . import probes, process
 from .dialback import DialBack
+from .notices import Notices
 from .protocol import (
     EVENTS_FILE,
     JUPYTER_LOG,
+    NODE_FLAG,
+    RUNDIR_ENV,
     SETTINGS_ENV,
     TOKEN_FILE,
     LauncherSettings,
@@ -52,6 +61,7 @@ from .rundir import hold, make_runtime_dir, private_file, remove_stale
 
 _PR_SET_CHILD_SUBREAPER = 36
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
+_SAVE_SIGNALS = ("SIGUSR1", "SIGTERM")  # planned ends (stop, scancel, the time limit): save first
 
 
 _events: Any = None  # where events go: stdout (srun's channel), or <rundir>/events (detached)
@@ -90,10 +100,12 @@ def idle_args(minutes: int) -> list[str]:
 
 
 def _no_nesting(rundir: Path) -> str:
-    """A config dir that hides spunnel's own JupyterLab panel in the node's JupyterLab."""
+    """A config dir for the node's JupyterLab: spunnel's panel hidden (no sessions from
+    sessions), its node plugin (time left, warnings, saves) switched on."""
     labconfig = rundir / "config" / "labconfig"
     labconfig.mkdir(parents=True, exist_ok=True)
-    (labconfig / "page_config.json").write_text('{"disabledExtensions": {"spunnel-jupyter": true}}')
+    page = {"disabledExtensions": {"spunnel-jupyter:plugin": True}, NODE_FLAG: True}
+    (labconfig / "page_config.json").write_text(json.dumps(page))
     return str(rundir / "config")
 
 
@@ -137,6 +149,7 @@ class Launcher:
         self.args = settings.jupyter_args
         self.start_timeout = float(settings.start_timeout)
         self.stop_grace = float(settings.stop_grace)
+        self.warn_before, self.save_grace = settings.warn_before, float(settings.save_grace)
         self.idle_timeout = int(settings.idle_timeout)
         self.idled = False  # Jupyter said it shut itself down for want of activity
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
@@ -198,8 +211,10 @@ class Launcher:
                 message="the 'notebook' package is not installed in the node's Python",
             )
             return 1
+        notices = Notices(rundir, self.job_id, self.warn_before, self.save_grace)
         env = dict(os.environ)
         env.update(
+            {RUNDIR_ENV: str(rundir)},
             JUPYTER_TOKEN=self.token,
             JUPYTER_RUNTIME_DIR=str(rundir / "runtime"),
             JUPYTER_CONFIG_PATH=os.pathsep.join(
@@ -212,6 +227,7 @@ class Launcher:
             "--ServerApp.sock_mode=0600",
             "--ServerApp.open_browser=False",
             "--ServerApp.jpserver_extensions=spunnel_jupyter=False",  # no sessions from sessions
+            "--ServerApp.jpserver_extensions=spunnel_jupyter.node_extension=True",  # notices
             f"--ServerApp.default_url={ui_path(self.ui)}",
             *idle_args(self.idle_timeout),
             *self.args,
@@ -231,12 +247,14 @@ class Launcher:
             probes.wait_until(lambda: self._answers(sock), timeout=self.start_timeout, cap=0.05)
         )
         listening: asyncio.Future[None] | None = None
+        noticing: asyncio.Future[None] | None = None
         dialer = DialBack(_emit_event, self._give_up, sock, rundir / "ctl")
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         failed = ready.done() and not ready.result()
         if ready.done() and ready.result():
             emit("ready", socket=str(sock))
             listening = asyncio.ensure_future(dialer.listen(self.commands))
+            noticing = asyncio.ensure_future(notices.run())
         elif failed:
             emit(
                 "exited",
@@ -246,6 +264,11 @@ class Launcher:
             self.stopping.set()
         ready.cancel()
         await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        saving: dict[str, Any] = {}
+        if noticing is not None:
+            noticing.cancel()
+            if self.signal_name in _SAVE_SIGNALS and jupyter.returncode is None:
+                saving = await notices.save()
         if jupyter.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(jupyter.pid, signal.SIGTERM)
@@ -256,7 +279,7 @@ class Launcher:
             listening.cancel()
         await dialer.cancel()
         if self.signal_name:
-            emit("exited", reason="signal", signal=self.signal_name)
+            emit("exited", reason="signal", signal=self.signal_name, **saving)
         elif self.failure:
             emit("exited", reason="tunnel-error", message=self.failure)
         elif self.idled and jupyter.returncode == 0:

@@ -13,6 +13,9 @@
 - **Detached sessions**: the files the launcher keeps in its runtime directory for followers
   (``TOKEN_FILE``, ``EVENTS_FILE``, ``JUPYTER_LOG``) and the environment variable that carries
   its settings (``SETTINGS_ENV``).
+- **Notices** (``NOTICE_FILE``, ``SAVED_FILE``, ``POLLED_FILE``): what the launcher tells the
+  node's JupyterLab (end time, warnings, save requests) and what it answers, through the node's
+  server extension (node_extension.py), in files of the runtime directory (``RUNDIR_ENV``).
 
 Standard library only: the launcher imports it on the node, in any Python.
 """
@@ -87,6 +90,8 @@ class LauncherSettings:
     start_timeout: float = 300.0
     stop_grace: float = 1.0
     idle_timeout: int = 0  # minutes; Jupyter ends itself after that long without activity
+    warn_before: list[int] = field(default_factory=lambda: [600, 60])  # s before the time limit
+    save_grace: float = 2.0  # s a planned end waits for the browser to save (if one is there)
     version: int = VERSION
 
     def line(self) -> bytes:
@@ -147,6 +152,34 @@ class NodeEvent:
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
         return cls(str(kind), data)
+
+
+# -- notices: launcher <-> the node's JupyterLab, as files in the launcher's runtime directory --
+RUNDIR_ENV = "SPUNNEL_RUNDIR"  # in Jupyter's environment: where the files below are
+NODE_FLAG = "spunnelNode"  # page config option set on the node: the node plugin runs there only
+# notice.json (the launcher writes it): {"end_time": epoch or null, "warnings": [{"id", "text",
+# "at"}...], "save_seq": N}; a save is asked for by raising save_seq.
+# saved.json (node_extension.py writes the browser's answer): {"seq": N, "saved": [paths],
+# "failed": [paths], "at": epoch}. browser-polled: touched on every GET of the notice.
+NOTICE_FILE, SAVED_FILE, POLLED_FILE = "notice.json", "saved.json", "browser-polled"
+MAX_PATHS = 1000  # paths kept in a saved answer
+
+
+def empty_notice() -> dict[str, Any]:
+    return {"end_time": None, "warnings": [], "save_seq": 0}
+
+
+def saved_answer(body: Any) -> dict[str, Any]:
+    """The browser's answer to save request ``seq``, checked; ProtocolError if malformed."""
+    if not isinstance(body, dict) or type(body.get("seq")) is not int:
+        raise ProtocolError('expected {"seq": N, "saved": [paths], "failed": [paths]}')
+    lists = {}
+    for name in ("saved", "failed"):
+        paths = body.get(name, [])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ProtocolError(f"{name} must be a list of paths")
+        lists[name] = paths[:MAX_PATHS]
+    return {"seq": body["seq"], **lists, "at": time.time()}
 
 
 # -- control verbs: front end -> supervisor ------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import stat
@@ -27,6 +28,24 @@ def private_file(path: Path, text: str = "") -> Any:
     out.write(text)
     out.flush()
     return out
+
+
+def replace_json(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` (0600) at once: a reader sees the old file or the new, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(data, out)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; None if it is missing or not JSON."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def hold(rundir: Path) -> int:

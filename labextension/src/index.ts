@@ -3,6 +3,9 @@
  * that open one panel to start, watch, open and stop the session. Every other plugin it uses is
  * optional: in JupyterLab the panel opens in the main area; in Notebook 7, whose main area holds
  * one page, it is a tab of the file browser page (Files, Running, Compute node).
+ *
+ * A second plugin, `spunnel-jupyter:node` (node.ts), runs only in the Jupyter of a session on its
+ * compute node, where the launcher disables this panel: no sessions from sessions.
  */
 import { ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette, MainAreaWidget, WidgetTracker } from '@jupyterlab/apputils';
@@ -13,6 +16,7 @@ import { INotebookTree } from '@jupyter-notebook/tree';
 
 import svgstr from '../style/icons/compute-node.svg';
 import { SpunnelAPI } from './api';
+import { nodePlugin } from './node';
 import { SpunnelPanel } from './panel';
 
 const COMMAND = 'spunnel:open';
@@ -89,4 +93,4 @@ function inNotebookTree(tree: INotebookTree): () => void {
   };
 }
 
-export default plugin;
+export default [plugin, nodePlugin];

@@ -261,7 +261,10 @@ def test_no_import_cycles_and_no_module_over_400_lines():
     assert not cycles, f"import cycles through {cycles}"
 
 
-NODE_SIDE = ("launcher", "follow", "dialback", "rundir", "protocol", "probes", "process", "errors")
+NODE_SIDE = (
+    "launcher", "follow", "dialback", "rundir", "protocol", "probes", "process", "errors",
+    "notices",
+)  # fmt: skip
 
 
 def test_the_node_side_stays_standard_library_only():
@@ -269,3 +272,15 @@ def test_the_node_side_stays_standard_library_only():
     for name in NODE_SIDE:
         for imported in _imports(PACKAGE / f"{name}.py"):
             assert imported in NODE_SIDE, (name, imported)
+        for imported in _absolute_imports(PACKAGE / f"{name}.py"):
+            assert imported in sys.stdlib_module_names, (name, imported)
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names - {"__future__"}
