@@ -252,7 +252,7 @@ class NodeChannel:
         if self.lost and job_id is not None:  # srun is gone: nothing else will end the job
             with contextlib.suppress(SpunnelError, asyncio.TimeoutError):
                 await asyncio.wait_for(slurm.cancel(job_id), s.stop_timeout)
-        if not await self.stop(grace=s.jupyter_stop_grace + 1.0):
+        if not await self.stop(grace=s.save_grace + s.jupyter_stop_grace + 1.0):
             if job_id is not None:
                 with contextlib.suppress(SpunnelError, asyncio.TimeoutError):
                     await asyncio.wait_for(slurm.cancel(job_id), s.stop_timeout)

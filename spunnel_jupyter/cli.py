@@ -187,6 +187,12 @@ async def run_session(
         f"{PROG}: session ended: {outcome.reason}; {gone}, tunnel closed "
         f"({session.times.get('teardown_s', 0):.2f} s)"
     )
+    said = session.channel.node_exit
+    if said is not None and said.get("save") in ("saved", "failed", "timeout"):
+        console.say(
+            f"{PROG}: before it ended, the node's JupyterLab saved {said.get('saved', 0)} "
+            f"document(s) ({said.get('save')}, {float(said.get('save_s') or 0):.2f} s)"
+        )
     for note in session.notes[told:]:
         console.say(f"{PROG}: {note}")
     return outcome.exit_code

@@ -118,6 +118,13 @@ class SpunnelManager(LoggingConfigurable):
         help="""Minutes before a session's time limit at which the user is warned (the terminal,
         the JupyterLab panel, the node's JupyterLab).""",
     )
+    save_grace = Float(
+        2.0,
+        config=True,
+        help="""Seconds a planned end (stop, Ctrl-C, the panel's Stop, the time limit) waits for
+        the node's JupyterLab to save open documents with unsaved changes; spent only while a
+        browser is connected to it.""",
+    )
     detach = Bool(
         False,
         config=True,
@@ -165,6 +172,7 @@ class SpunnelManager(LoggingConfigurable):
             jupyter_stop_grace=self.jupyter_stop_grace,
             pending_poll_interval=self.pending_poll_interval,
             refresh_interval=self.refresh_interval, logs_kept=self.logs_kept,
+            warn_before=tuple(self.warn_before), save_grace=self.save_grace,
         )  # fmt: skip
 
     @default("tunnel")
@@ -337,7 +345,7 @@ class SpunnelManager(LoggingConfigurable):
 
     async def _stop_detached(self, job_id: int | None) -> str:
         job = choose(await self.detached(), job_id, "stop")
-        grace = self.jupyter_stop_grace + self.stop_timeout
+        grace = self.save_grace + self.jupyter_stop_grace + self.stop_timeout
         return await end_detached(self.slurm, job, grace, self.stop_timeout)
 
     async def _stop_here(self, state: StateDir, timeout: float) -> str:

@@ -30,6 +30,8 @@ class SessionSettings:
     pending_poll_interval: float
     refresh_interval: float
     logs_kept: int
+    warn_before: tuple[int, ...] = (10, 1)  # minutes before the time limit
+    save_grace: float = 2.0  # seconds a planned end waits for an open browser to save
 
     def launcher(self, token: str, req: SessionRequest) -> LauncherSettings:
         """What the launcher on the node is told (an empty ``token``: it makes its own)."""
@@ -37,5 +39,6 @@ class SessionSettings:
             token=token, ui=req.ui, runtime_base=self.runtime_base,
             jupyter_command=list(self.jupyter_command), jupyter_args=list(self.jupyter_args),
             start_timeout=self.start_timeout, stop_grace=self.jupyter_stop_grace,
-            idle_timeout=req.idle_timeout,
+            idle_timeout=req.idle_timeout, warn_before=[m * 60 for m in self.warn_before],
+            save_grace=self.save_grace,
         )  # fmt: skip
