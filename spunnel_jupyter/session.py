@@ -307,33 +307,33 @@ class Session:
 
     # -- teardown ----------------------------------------------------------------------------
     async def _teardown(self) -> None:
-        """Close the tunnel and end the job, until it left the queue; every step bounded."""
+        """End the node's part first (its JupyterLab saves open documents through the tunnel
+        meanwhile), then close the tunnel while Slurm confirms the end; every step bounded."""
         self._set(phase=Phase.ENDING)
         started = time.monotonic()
         self.control.close()
         for task in self._tasks:
             task.cancel()
-        steps = [self.link.close(grace=min(1.0, self.settings.stop_timeout)), self._end_job()]
-        for result in await asyncio.gather(*steps, return_exceptions=True):
-            if isinstance(result, BaseException):
-                self.log.warning("teardown step failed: %s", result)
-                self.notes.append(f"teardown: {result}")
+        assert self.outcome is not None
+        self.job_kept = keeps_job(self.kind, self.outcome, "ready" in self.times)
+        close = self.link.close(grace=min(1.0, self.settings.stop_timeout))
+        node = self.channel.detach() if self.job_kept else self.channel.end_step(self.job_id)
+        for steps in ([node], [close, self._end_job()]):
+            for result in await asyncio.gather(*steps, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    self.log.warning("teardown step failed: %s", result)
+                    self.notes.append(f"teardown: {result}")
         self.times["teardown_s"] = round(time.monotonic() - started, 3)
 
     async def _end_job(self) -> None:
-        """srun first (it needs no controller), then Slurm's side, within ``stop_timeout``.
+        """Once srun (or this host's follower) ended: Slurm's side, within ``stop_timeout``.
         A job whose end the controller did not confirm is remembered (state.UNCANCELLED) for
         the next start or `stop` to cancel, and the user is told."""
-        s = self.settings
-        assert self.outcome is not None
-        if keeps_job(self.kind, self.outcome, "ready" in self.times):
-            await self.channel.detach()
-            self.job_kept = True
+        if self.job_kept:
             return
-        await self.channel.end_step(self.job_id)
         try:
             self.job_id = await asyncio.wait_for(
-                self.channel.end_job(self.job_id, self.tag), s.stop_timeout + 1.0
+                self.channel.end_job(self.job_id, self.tag), self.settings.stop_timeout + 1.0
             )
         except (SpunnelError, asyncio.TimeoutError) as e:
             with contextlib.suppress(OSError):
