@@ -127,11 +127,20 @@ def leftovers(user: str) -> list[str]:
     for pid, cmd in procs_of(user):
         if re.search(r"ssh .*-M|srun |spunnel_jupyter|jupyter", cmd):
             problems.append(f"process {pid}: {cmd[:120]}")
-    sdir = state_dir(user)
-    for name in ("session.json", "ctl", "control.sock", "uncancelled.json"):
-        if (sdir / name).exists():
-            problems.append(f"file left: {sdir / name}")
-    problems += [f"socket left: {path}" for path in sdir.glob("*.sock")]
+    return problems + files_left(user, Path("/"))
+
+
+def files_left(user: str, root: Path, host: str = "") -> list[str]:
+    """The state directory's and /tmp's leftovers of ``user`` in the filesystem seen at ``root``
+    (``/``, or another login host's root seen from here), described as on ``host``."""
+    on = f" on {host}" if host else ""
+    sdir = root / state_dir(user).relative_to("/")
+    problems = [
+        f"file left{on}: {state_dir(user) / name}"
+        for name in ("session.json", "ctl", "control.sock", "uncancelled.json")
+        if (sdir / name).exists()
+    ]
+    problems += [f"socket left{on}: {path.name}" for path in sdir.glob("*.sock")]
     lock = sdir / "lock"
     if lock.exists():
         with open(lock) as f:
@@ -139,12 +148,12 @@ def leftovers(user: str) -> list[str]:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 fcntl.flock(f, fcntl.LOCK_UN)
             except BlockingIOError:
-                problems.append("the session lock is still held")
+                problems.append(f"the session lock{on} is still held")
     owner = uid(user)
-    for path in Path("/tmp").glob("spunnel.*"):
+    for path in (root / "tmp").glob("spunnel.*"):
         with contextlib.suppress(OSError):
             if path.stat().st_uid == owner:
-                problems.append(f"runtime dir left: {path}")
+                problems.append(f"runtime dir left{on}: /tmp/{path.name}")
     return problems
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import PROG, Session, force_clean, leftovers, state_dir, uid
+from .cluster import PROG, Session, files_left, force_clean, leftovers, state_dir, uid
 
 ON_HOST = Path(__file__).resolve().parents[1] / "cluster" / "on-host"
 LOGIN2_ENV = Path("/run/spunnel-login2/login2.env")
@@ -196,26 +196,7 @@ def login2_path(path: str | Path) -> Path:
 def leftovers_on_login2(user: str) -> list[str]:
     """What a finished session must not leave in login2's own /tmp (cluster.leftovers looks only at
     the first host's)."""
-    problems = []
-    sdir = login2_path(state_dir(user))
-    for name in ("session.json", "ctl", "control.sock", "uncancelled.json"):
-        if (sdir / name).exists():
-            problems.append(f"file left on login2: {state_dir(user) / name}")
-    problems += [f"socket left on login2: {p.name}" for p in sdir.glob("*.sock")]
-    lock = sdir / "lock"
-    if lock.exists():
-        with open(lock) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(f, fcntl.LOCK_UN)
-            except BlockingIOError:
-                problems.append("the session lock on login2 is still held")
-    owner = uid(user)
-    for path in login2_path("/tmp").glob("spunnel.*"):
-        with contextlib.suppress(OSError):
-            if path.stat().st_uid == owner:
-                problems.append(f"runtime dir left on login2: /tmp/{path.name}")
-    return problems
+    return files_left(user, login2_path("/"), "login2")
 
 
 def leftovers_everywhere(user: str) -> list[str]:
