@@ -140,7 +140,7 @@ def files_left(user: str, root: Path, host: str = "") -> list[str]:
         for name in ("session.json", "ctl", "control.sock", "uncancelled.json")
         if (sdir / name).exists()
     ]
-    problems += [f"socket left{on}: {path.name}" for path in sdir.glob("*.sock")]
+    problems += [f"socket left{on}: {state_dir(user) / path.name}" for path in sdir.glob("*.sock")]
     lock = sdir / "lock"
     if lock.exists():
         with open(lock) as f:
