@@ -24,7 +24,7 @@ from . import process
 from .backend import JobState
 from .channel import NodeChannel, _how, job_environment
 from .errors import SlurmLost, SpunnelError
-from .machine import Allocated, Event, Outcome, Queued, SrunExited
+from .machine import Allocated, Event, JobPolled, Outcome, Queued, SrunExited
 from .protocol import SETTINGS_ENV, LauncherSettings, follower_name
 from .settings import SessionSettings
 
@@ -53,6 +53,7 @@ class BatchChannel(NodeChannel):
         self.job_id = job_id
         self.submitted = False  # by this session: then an interrupted start cancels it
         self._launcher: LauncherSettings | None = None
+        self._running = asyncio.Event()  # set once _follow saw the job run
 
     async def start(self, options: list[str], tag: str, launcher: LauncherSettings) -> None:
         """Submit the batch job (or take the attached one), then follow it once it runs."""
@@ -66,8 +67,8 @@ class BatchChannel(NodeChannel):
         self._tasks = [asyncio.ensure_future(self._follow(self.job_id))]
 
     async def _follow(self, job_id: int) -> None:
-        """Wait until the job runs (Slurm's own poll: nothing of ours waits with it), then start
-        this host's follower step."""
+        """Wait until the job runs (Slurm's own poll: nothing of ours waits with it; each look
+        also gives the session the pending reason), then start this host's follower step."""
         s, began = self.settings, time.monotonic()
         while True:
             info = await s.slurm.job(job_id)
@@ -76,8 +77,11 @@ class BatchChannel(NodeChannel):
             if info.state is not JobState.UNKNOWN and not info.state.active:
                 self.post(SrunExited(0))  # ended before it ran: why_ended asks Slurm why
                 return
+            if info.state is not JobState.UNKNOWN:
+                self.post(JobPolled(info))
             fast = time.monotonic() - began < _FAST_FOR
             await asyncio.sleep(_FAST if fast else s.pending_poll_interval)
+        self._running.set()
         self.post(Allocated(job_id))
         await self._end_stale_followers(job_id)
         assert self._launcher is not None
@@ -98,6 +102,12 @@ class BatchChannel(NodeChannel):
         readers = [self._read_events(self.srun.stdout), self._read_stderr(self.srun.stderr)]
         self._tasks += [asyncio.ensure_future(r) for r in readers]
         self._tasks.append(asyncio.ensure_future(self._wait_exit(self.srun, self._tasks[-2:])))
+
+    async def poll_job(self, job_id: Callable[[], int | None]) -> None:
+        """While the job pends, _follow already asks Slurm: the periodic look starts once it
+        runs (for the time left)."""
+        await self._running.wait()
+        await super().poll_job(job_id)
 
     async def _end_stale_followers(self, job_id: int) -> None:
         """A follower of this host that outlived its supervisor (the host crashed, or srun was

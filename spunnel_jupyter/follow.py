@@ -22,10 +22,11 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from . import probes
 from .dialback import DialBack
-from .launcher import connect_stdin, emit
+from .launcher import connect_stdin, emit, emit_event
 from .protocol import (
     EVENTS_FILE,
     EXITED,
@@ -61,7 +62,7 @@ class Follower:
         log = open(self.rundir / JUPYTER_LOG, "rb")
         log.seek(0, os.SEEK_END)  # what Jupyter said before we came is in the node's file
         ctl = self.rundir / f"ctl.{os.getpid()}"
-        dialer = DialBack(self._tunnel, self._give_up, self.rundir / "jupyter.sock", ctl)
+        dialer = DialBack(emit_event, self._give_up, self.rundir / "jupyter.sock", ctl)
         listening = asyncio.ensure_future(dialer.listen(self.commands))
         try:
             while not self.done.is_set():
@@ -87,19 +88,16 @@ class Follower:
         for raw in lines:
             event = NodeEvent.parse(raw.decode(errors="replace"))
             if event is not None:
-                emit(event.kind, **event.fields)
+                emit_event(event)
                 exited = exited or event.kind == EXITED
         return exited
 
-    def _copy_log(self, log: object) -> None:
-        data = log.read()  # type: ignore[attr-defined]
+    def _copy_log(self, log: BinaryIO) -> None:
+        data = log.read()
         if data:
             with contextlib.suppress(OSError):
                 sys.stderr.buffer.write(data)
                 sys.stderr.buffer.flush()
-
-    def _tunnel(self, event: NodeEvent) -> None:
-        emit(event.kind, **event.fields)
 
     def _give_up(self, why: str) -> None:
         emit(EXITED, reason="tunnel-error", message=why, follower=True)

@@ -75,7 +75,7 @@ def emit(event: str, **fields: Any) -> None:
         out.flush()
 
 
-def _emit_event(event: NodeEvent) -> None:
+def emit_event(event: NodeEvent) -> None:
     emit(event.kind, **event.fields)
 
 
@@ -248,7 +248,7 @@ class Launcher:
         )
         listening: asyncio.Future[None] | None = None
         noticing: asyncio.Future[None] | None = None
-        dialer = DialBack(_emit_event, self._give_up, sock, rundir / "ctl")
+        dialer = DialBack(emit_event, self._give_up, sock, rundir / "ctl")
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         failed = ready.done() and not ready.result()
         if ready.done() and ready.result():

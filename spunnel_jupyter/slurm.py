@@ -111,10 +111,12 @@ class SlurmCLI(LoggingConfigurable):
             )
         return path
 
-    async def _query(self, name: str, *args: str) -> process.Result:
+    async def _query(
+        self, name: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> process.Result:
         argv = [self.command(name), *args]
         try:
-            result = await process.run(argv, timeout=self.timeout)
+            result = await process.run(argv, timeout=self.timeout, env=dict(env) if env else None)
         except TimeoutError as e:
             raise SlurmUnavailable(
                 f"the Slurm controller does not answer ({name}: no answer in {self.timeout:g} s)",
@@ -219,17 +221,10 @@ class SlurmCLI(LoggingConfigurable):
     async def submit(
         self, options: list[str], tag: str, command: list[str], env: Mapping[str, str]
     ) -> int:
-        argv = [self.command("sbatch"), "--parsable", "--nodes=1", "--ntasks=1",
-                f"--comment={tag}", "--output=/dev/null", *options,
-                f"--wrap=exec {shlex.join(command)}"]  # fmt: skip
-        self.log.debug("$ %s", " ".join(argv))
-        try:
-            result = await process.run(argv, timeout=self.timeout, env=dict(env))
-        except TimeoutError as e:
-            raise SlurmUnavailable(
-                f"the Slurm controller does not answer (sbatch: no answer in {self.timeout:g} s)",
-                "try again in a minute; if it persists, tell your administrators",
-            ) from e
+        result = await self._query(
+            "sbatch", "--parsable", "--nodes=1", "--ntasks=1", f"--comment={tag}",
+            "--output=/dev/null", *options, f"--wrap=exec {shlex.join(command)}", env=env,
+        )  # fmt: skip
         job_id = result.stdout.strip().split(";")[0]
         if result.returncode != 0 or not job_id.isdigit():
             raise classify_error(result.stderr or result.stdout)
