@@ -15,6 +15,7 @@ import re
 import select
 import signal
 import subprocess
+import tempfile
 import termios
 import time
 from dataclasses import dataclass, field
@@ -325,3 +326,15 @@ def jobs_submitted() -> int:
     match = re.search(r"Jobs submitted:\s*(\d+)", out)
     assert match, out
     return int(match[1])
+
+
+def site_config(config: dict) -> str:
+    """A directory for JUPYTER_CONFIG_PATH holding jupyter_spunnel_jupyter_config.json.
+
+    Under /tmp itself, not pytest's tmp_path: the test users must be able to read it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="site-config-", dir="/tmp"))
+    path.chmod(0o755)
+    (path / "jupyter_spunnel_jupyter_config.json").write_text(json.dumps(config))
+    (path / "jupyter_spunnel_jupyter_config.json").chmod(0o644)
+    return str(path)

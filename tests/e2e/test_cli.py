@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import as_user, leftovers, procs_of, squeue, start, state_dir, wait_clean
+from .cluster import (
+    as_user,
+    leftovers,
+    procs_of,
+    site_config,
+    squeue,
+    start,
+    state_dir,
+    wait_clean,
+)
 from .jupyter_client_util import execute, rest
 
 TEARDOWN_LIMIT = 2.0  # seconds, from the issue
@@ -109,18 +118,6 @@ ENDINGS = {
     ),
     "tunnel-ssh-dies": (_kill_ssh, 5, "the tunnel's ssh"),
 }
-
-
-def site_config(config: dict) -> str:
-    """A directory for JUPYTER_CONFIG_PATH holding jupyter_spunnel_jupyter_config.json.
-
-    Under /tmp itself, not pytest's tmp_path: the test users must be able to read it.
-    """
-    path = Path(tempfile.mkdtemp(prefix="site-config-", dir="/tmp"))
-    path.chmod(0o755)
-    (path / "jupyter_spunnel_jupyter_config.json").write_text(json.dumps(config))
-    (path / "jupyter_spunnel_jupyter_config.json").chmod(0o644)
-    return str(path)
 
 
 @pytest.mark.parametrize("how", list(ENDINGS))

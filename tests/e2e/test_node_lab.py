@@ -5,14 +5,12 @@ the terminal says what was saved and how long it took."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 from .browser import CHROMIUM_ARGS, chromium_path
-from .cluster import PROG, as_user, start, state_dir, wait_clean
+from .cluster import PROG, as_user, site_config, start, state_dir, wait_clean
 from .jupyter_client_util import rest
 
 try:
@@ -24,14 +22,9 @@ NOTEBOOK = "spunnel-save-test.ipynb"
 
 
 def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
-    site = Path(tempfile.mkdtemp(prefix="site-config-", dir="/tmp"))
-    site.chmod(0o755)
-    (site / "jupyter_spunnel_jupyter_config.json").write_text(
-        json.dumps({"SpunnelManager": {"warn_before": [2]}})
-    )
-    (site / "jupyter_spunnel_jupyter_config.json").chmod(0o644)
+    site = site_config({"SpunnelManager": {"warn_before": [2]}})
     on_disk = Path("/home/alice") / NOTEBOOK
-    s = start("alice", "-t", "2", env_path=str(site))
+    s = start("alice", "-t", "2", env_path=site)
     try:
         s.wait_ready()
         empty = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [],

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cluster import start, wait_clean
+from .cluster import site_config, start, wait_clean
 
 
 def test_a_start_after_waiting_rings_the_bell_and_tells_the_desktop(node_full):
@@ -49,12 +49,8 @@ def test_a_start_after_waiting_rings_the_bell_and_tells_the_desktop(node_full):
 
 
 def test_the_terminal_warns_before_the_time_limit(tmp_path):
-    site = Path(tempfile.mkdtemp(prefix="site-config-", dir="/tmp"))
-    site.chmod(0o755)
-    config = site / "jupyter_spunnel_jupyter_config.json"
-    config.write_text('{"SpunnelManager": {"warn_before": [2, 1]}}')
-    config.chmod(0o644)
-    s = start("alice", "-t", "2", env_path=str(site))
+    site = site_config({"SpunnelManager": {"warn_before": [2, 1]}})
+    s = start("alice", "-t", "2", env_path=site)
     try:
         s.wait_ready()
         began = time.monotonic()
