@@ -505,11 +505,7 @@ if [[ ! -x $VENV/bin/python ]] || ! grep -qx 'home = /usr/bin' "$VENV/pyvenv.cfg
     pip install --upgrade pip
 fi
 deps_hash=$(sha256sum <"$REPO/pyproject.toml" | cut -d' ' -f1)
-# What goes into the wheel: everything but VCS data, tests and caches.
-src_hash=$(cd "$REPO" && find . \( -name .git -o -path ./tests -o -name node_modules -o -name __pycache__ \
-    -o -path ./labextension/lib -o -path ./spunnel_jupyter/labextension -o -path ./artifacts \
-    -o -name '.*_cache' -o -name build -o -name dist -o -name '*.egg-info' \) -prune -o -type f -print0 |
-    LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1)
+src_hash=$(bash "$REPO/tests/cluster/src-hash") # what goes into the wheel
 # Building the JupyterLab extension into the wheel needs Node.js >= 20.19 (Rspack 2); Debian 12's is 18.
 node_version=$(node --version 2>/dev/null || echo none)
 [[ $node_version =~ ^v([0-9]+)\.([0-9]+) ]] &&

@@ -30,21 +30,28 @@ from tests.e2e.browser import CHROMIUM_ARGS, chromium_path
 ROOT = Path(__file__).resolve().parents[2]
 BUILT = ROOT / "spunnel_jupyter" / "labextension"
 INSTALLED = Path("/opt/spunnel/venv/share/jupyter/labextensions/spunnel-jupyter")
+INSTALLED_HASH = Path("/opt/spunnel/.src-hash")  # written by tests/cluster/up.sh
 FAKE_JOB = "4242"
 
 
 def built_labextension() -> Path:
-    """The built JupyterLab extension, not older than this checkout's sources: the checkout's own
-    build (``npm run build:prod``), else the one tests/cluster/up.sh installed from it."""
+    """The built JupyterLab extension of this checkout's sources: the checkout's own build
+    (``npm run build:prod``) when no source is newer, else the one tests/cluster/up.sh installed,
+    when the hash of the sources it installed from is this checkout's (a clone's files are all
+    new, so an install from an earlier identical clone is recognised by content, not time)."""
     sources = [p for d in ("src", "style") for p in (ROOT / "labextension" / d).rglob("*")]
     newest = max(p.stat().st_mtime for p in sources if p.is_file())
-    for built in (BUILT, INSTALLED):
-        package = built / "package.json"
-        if package.exists() and package.stat().st_mtime >= newest:
-            return built
+    package = BUILT / "package.json"
+    if package.exists() and package.stat().st_mtime >= newest:
+        return BUILT
+    hasher = ["bash", str(ROOT / "tests" / "cluster" / "src-hash")]
+    here = subprocess.run(hasher, capture_output=True, text=True, check=True).stdout.strip()
+    with contextlib.suppress(OSError):
+        if (INSTALLED / "package.json").exists() and INSTALLED_HASH.read_text().strip() == here:
+            return INSTALLED
     pytest.fail(
-        f"no built extension as new as labextension/src: neither {BUILT} (cd labextension && "
-        f"npm run build:prod) nor {INSTALLED} (bash tests/cluster/up.sh)",
+        f"no built extension of this checkout's labextension/src: neither {BUILT} "
+        f"(cd labextension && npm run build:prod) nor {INSTALLED} (bash tests/cluster/up.sh)",
         pytrace=False,
     )
 
