@@ -31,6 +31,7 @@ from .console import (
     describe,
     show_status,
     started_after_waiting,
+    time_left,
     time_limit_warning,
     url_block,
 )
@@ -136,13 +137,15 @@ async def run_session(
         loop.add_signal_handler(sig, on_signal, sig)
 
     shown_ready = shown_start = False
-    told = 0
+    told = warned = 0
 
     def on_change(session: Session) -> None:
-        nonlocal shown_ready, shown_start, told
+        nonlocal shown_ready, shown_start, told, warned
         for note in session.notes[told:]:
             console.say(f"{PROG}: {note}")
-        told = len(session.notes)
+        for warning in session.warnings[warned:]:  # the node's (an idle release ahead)
+            console.say(f"\a{PROG}: {warning}")
+        told, warned = len(session.notes), len(session.warnings)
         if session.phase is not Phase.PENDING and not shown_start:
             shown_start = True
             started = started_after_waiting(session)
@@ -206,7 +209,7 @@ async def _tick(session: Session, console: Console, warn_before: list[int]) -> N
         await asyncio.sleep(1)
         if console.tty:
             console.progress(describe(session))
-        left = session.time_left
+        left = time_left(session.end_time)
         if due and left is not None and left <= due[0] * 60:
             console.say(f"\a{PROG}: {time_limit_warning(session.job_id, left)}")
             due = [minutes for minutes in due if left > minutes * 60]  # once each, even if late

@@ -79,12 +79,16 @@ def describe(session: Session) -> str:
     if session.phase is Phase.STARTING:
         return f"{job} RUNNING on {session.node or '?'}, starting Jupyter"
     if session.phase is Phase.READY:
-        left = session.time_left
+        left = time_left(session.end_time)
         remaining = f", {format_duration(left)} left" if left is not None else ""
         tunnel = ", tunnel reconnecting" if session.tunnel_state == "reconnecting" else ""
         ctrl_c = "Ctrl-C detaches" if session.kind == "attached" else "Ctrl-C to stop"
         return f"{job} on {session.node}{remaining}{tunnel} ({ctrl_c})"
     return f"{job} {session.phase.value}"
+
+
+def time_left(end_time: float | None) -> float | None:
+    return None if end_time is None else max(0.0, end_time - time.time())
 
 
 def url_block(manager: SpunnelManager, node: str, job_id: object, url: str, port: int) -> str:

@@ -51,6 +51,7 @@ from .protocol import (
     RUNDIR_ENV,
     SETTINGS_ENV,
     TOKEN_FILE,
+    WARNING,
     LauncherSettings,
     NodeEvent,
     ProtocolError,
@@ -211,7 +212,10 @@ class Launcher:
                 message="the 'notebook' package is not installed in the node's Python",
             )
             return 1
-        notices = Notices(rundir, self.job_id, self.warn_before, self.save_grace)
+        notices = Notices(
+            rundir, self.job_id, self.warn_before, self.save_grace, self.idle_timeout,
+            on_warning=lambda text: emit(WARNING, text=text),
+        )  # fmt: skip
         env = dict(os.environ)
         env.update(
             {RUNDIR_ENV: str(rundir)},

@@ -12,6 +12,10 @@ waits for a save only while a browser polled recently. The browser polls every f
 is told at once when the notice changes (a save asked for, a warning) by an event on Jupyter's
 event bus (``EVENT_SCHEMA``, the socket JupyterLab keeps open anyway), so that a save is done well
 within the launcher's grace, even in a background tab.
+
+With --idle-timeout (``shutdown_no_activity_timeout``), it also works out from Jupyter's own
+activity tracking when Jupyter would end itself, and keeps that in ``idle.json`` for the launcher,
+which warns before it like before the time limit.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from jupyter_server.utils import url_path_join
 from tornado import web
 
 from .protocol import (
+    IDLE_FILE,
     NOTICE_FILE,
     POLLED_FILE,
     RUNDIR_ENV,
@@ -41,6 +46,7 @@ from .rundir import read_json, replace_json
 
 EVENT_SCHEMA = "https://spunnel-jupyter.invalid/events/node-notice"
 WATCH_EVERY = 0.1  # seconds between looks at the notice for a change
+IDLE_EVERY = 5.0  # seconds between estimates of the idle release
 MAX_BODY = 256 * 1024
 
 
@@ -106,6 +112,50 @@ async def _watch(serverapp: Any, rundir: Path) -> None:
         await asyncio.sleep(WATCH_EVERY)
 
 
+def idle_release_at(serverapp: Any) -> float | None:
+    """When Jupyter's idle release would end this server (epoch), or None: never, or not while
+    a kernel is busy or connected (spared by the culling settings the launcher gives).
+
+    An idle kernel is culled ``cull_idle_timeout`` after its last activity, and the culling
+    itself counts as activity; a terminal likewise. The server then ends once nothing happened
+    for ``shutdown_no_activity_timeout``. Jupyter checks every 30-60 s: the release comes up to a
+    minute later than this, never earlier."""
+    timeout = float(serverapp.shutdown_no_activity_timeout or 0)
+    if timeout <= 0:
+        return None
+    km = serverapp.kernel_manager
+    ends = [serverapp.web_app.last_activity().timestamp() + timeout]
+    for kid in list(km.list_kernel_ids()):
+        kernel = km.get_kernel(kid)
+        busy = getattr(kernel, "execution_state", "") == "busy" and not km.cull_busy
+        if busy or (km._kernel_connections.get(kid, 0) and not km.cull_connected):
+            return None
+        if hasattr(kernel, "last_activity"):
+            ends.append(kernel.last_activity.timestamp() + km.cull_idle_timeout + timeout)
+    terminals = serverapp.web_app.settings.get("terminal_manager")
+    for term in getattr(terminals, "terminals", {}).values():
+        if hasattr(term, "last_activity"):
+            ends.append(term.last_activity.timestamp() + terminals.cull_inactive_timeout + timeout)
+    return max(ends)
+
+
+async def _watch_idle(serverapp: Any, rundir: Path) -> None:
+    """Keep ``idle.json`` up to date (written only when the estimate changes)."""
+    written: object = ()
+    while True:
+        try:
+            release_at = idle_release_at(serverapp)
+        except Exception as e:  # Jupyter's internals moved: no warning, the release still works
+            serverapp.log.warning("spunnel_jupyter.node_extension: idle estimate: %r", e)
+            return
+        value = None if release_at is None else round(release_at)
+        if value != written:
+            with contextlib.suppress(OSError):
+                replace_json(rundir / IDLE_FILE, {"release_at": value})
+                written = value
+        await asyncio.sleep(IDLE_EVERY)
+
+
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     rundir = os.environ.get(RUNDIR_ENV)
     web_app = serverapp.web_app
@@ -122,7 +172,10 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
 
 
 def _start_watch(serverapp: Any, rundir: Path) -> None:
-    serverapp.web_app.settings["spunnel_watch"] = asyncio.ensure_future(_watch(serverapp, rundir))
+    watches = [asyncio.ensure_future(_watch(serverapp, rundir))]
+    if serverapp.shutdown_no_activity_timeout:
+        watches.append(asyncio.ensure_future(_watch_idle(serverapp, rundir)))
+    serverapp.web_app.settings["spunnel_watch"] = watches
 
 
 def _jupyter_server_extension_points() -> list[dict[str, str]]:

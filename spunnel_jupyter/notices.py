@@ -11,6 +11,10 @@ browser asks for the notice (formats in protocol.py).
   fails, there is no end time and no warning; nothing else changes.
 - **Warnings**: at each of ``warn_before`` seconds before the end, once per end time; if several
   are already past (a short job, a limit cut), only the nearest one.
+- **Idle release** (--idle-timeout): node_extension.py keeps in ``idle.json`` when Jupyter
+  would end itself for want of activity; the same warnings are given before it (those shorter
+  than the timeout; with none, one at half of it), re-armed whenever activity pushes it back,
+  and each is passed to the login side (``on_warning``) for the terminal and the Lab panel.
 - **Saves**: ``save`` raises ``save_seq`` and, only while a browser polled within the last
   ``BROWSER_WITHIN`` seconds, waits up to ``save_grace`` for its answer; with none it spends no
   time. Before the time limit a save is asked for ``lead`` seconds ahead, unprompted, so that it
@@ -27,17 +31,20 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import process
-from .protocol import NOTICE_FILE, POLLED_FILE, SAVED_FILE
+from .protocol import IDLE_FILE, NOTICE_FILE, POLLED_FILE, SAVED_FILE
 from .rundir import read_json, replace_json
 
 REREAD_EVERY = 300.0  # seconds between scontrol calls for the end time
 BROWSER_WITHIN = 15.0  # a browser that polled this recently is connected (it polls every 5 s)
 ANSWER_POLL = 0.02  # seconds between looks at saved.json while a save is awaited
+IDLE_POLL = 5.0  # seconds between looks at idle.json (node_extension.py rewrites it every 5 s)
+IDLE_SLACK = 30.0  # a release pushed back by more than this is a new one: its warnings re-armed
 _KEY_VALUE = re.compile(r"(?:^|\s)([A-Za-z:]+)=(\S*)")  # `scontrol -o show job` fields
 
 
@@ -81,6 +88,17 @@ def warning_text(left: str, job_id: str) -> str:
             "just before it: save your work and finish what runs.")  # fmt: skip
 
 
+def idle_warning_text(left: str, minutes: int) -> str:
+    return (f"Jupyter stops in {left}: nothing ran and no one used it for {minutes} min "
+            "(--idle-timeout). Use it to keep it.")  # fmt: skip
+
+
+def idle_thresholds(warn_before: list[int], timeout: int) -> list[int]:
+    """The warnings (seconds before) that make sense before an idle release ``timeout`` seconds
+    after the last activity: those shorter than it, else one at half of it."""
+    return [w for w in warn_before if w < timeout] or ([timeout // 2] if timeout >= 2 else [])
+
+
 def due_warning(
     end_time: float, warn_before: list[int], issued: set[int], now: float
 ) -> int | None:
@@ -103,7 +121,15 @@ def sane_warnings(values: Any) -> list[int]:
 
 
 class Notices:
-    def __init__(self, rundir: Path, job_id: str, warn_before: Any, save_grace: float) -> None:
+    def __init__(
+        self,
+        rundir: Path,
+        job_id: str,
+        warn_before: Any,
+        save_grace: float,
+        idle_minutes: int = 0,
+        on_warning: Callable[[str], None] = lambda text: None,
+    ) -> None:
         self.rundir = rundir
         self.job_id = job_id
         self.warn_before = sane_warnings(warn_before)
@@ -116,6 +142,11 @@ class Notices:
         self.asked_at = 0.0  # when the last save was asked for (answers before it are stale)
         self.presaved: float | None = None  # the end time an unprompted save was asked for
         self.next_read = 0.0
+        self.idle_minutes = max(0, int(idle_minutes))
+        self.idle_warn = idle_thresholds(self.warn_before, self.idle_minutes * 60)
+        self.idle_end: float | None = None  # when Jupyter would release itself, if it would
+        self.idle_issued: set[int] = set()
+        self.on_warning = on_warning
         self.write()
 
     def write(self) -> None:
@@ -132,6 +163,8 @@ class Notices:
                 if time.time() >= self.next_read:
                     self.next_read = time.time() + REREAD_EVERY
                     self._learn(await read_end_time(self.job_id))
+                if self.idle_minutes:
+                    self._learn_idle(read_json(self.rundir / IDLE_FILE))
                 self._tick(time.time())
             except Exception as e:  # never let a notice end the session
                 sys.stderr.write(f"spunnel: notices: {e!r}\n")
@@ -144,25 +177,41 @@ class Notices:
         self.end_time, self.issued, self.warnings = end_time, set(), []
         self.write()
 
+    def _learn_idle(self, data: Any) -> None:
+        at = data.get("release_at") if isinstance(data, dict) else None
+        release = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+        if release is None or self.idle_end is None or release > self.idle_end + IDLE_SLACK:
+            self.idle_issued = set()  # held, or pushed back by activity: a new countdown
+        self.idle_end = release
+
+    def _warn(self, text: str, key: str, now: float, left: str) -> None:
+        self.warnings.append({"id": f"{self.job_id}-{key}", "text": text, "at": now})
+        self.warnings = self.warnings[-20:]
+        sys.stderr.write(f"spunnel: warned: {left} left\n")
+        self.write()
+
     def _tick(self, now: float) -> None:
+        if self.idle_end is not None:
+            warning = due_warning(self.idle_end, self.idle_warn, self.idle_issued, now)
+            if warning is not None:
+                left = spell(self.idle_end - now)
+                text = idle_warning_text(left, self.idle_minutes)
+                self._warn(text, f"idle-{self.idle_end:.0f}-{warning}", now, left)
+                self.on_warning(text)
         end = self.end_time
         if end is None:
             return
         warning = due_warning(end, self.warn_before, self.issued, now)
         if warning is not None:
             left = spell(end - now)
-            text = warning_text(left, self.job_id)
-            self.warnings.append({"id": f"{self.job_id}-{end:.0f}-{warning}", "text": text,
-                                  "at": now})  # fmt: skip
-            sys.stderr.write(f"spunnel: warned: {left} left\n")
-            self.write()
+            self._warn(warning_text(left, self.job_id), f"{end:.0f}-{warning}", now, left)
         if now >= end - self.lead and self.presaved != end and now < end:
             self.presaved = end
             sys.stderr.write(f"spunnel: {spell(end - now)} left: asking the browser to save\n")
             self.request_save()
 
     def _until_next(self, now: float) -> float:
-        times = [self.next_read]
+        times = [self.next_read] + ([now + IDLE_POLL] if self.idle_minutes else [])
         if self.end_time is not None:
             times += [self.end_time - w for w in self.warn_before if w not in self.issued]
             if self.presaved != self.end_time:

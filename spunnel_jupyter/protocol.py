@@ -124,6 +124,7 @@ def reverse_command(plan: dict[str, Any]) -> bytes:
 
 # -- events: launcher -> login side --------------------------------------------------------------
 STARTED, READY, EXITED, TUNNEL = "started", "ready", "exited", "tunnel"
+WARNING = "warning"  # {"text"}: a warning the node gave (idle release ahead) for every front end
 TOKEN = "token"  # noqa: S105 (an event: a follower says Jupyter's token first, never logged)
 EXIT_REASONS = ("error", "signal", "tunnel-error", "jupyter-exit", "version", "idle")
 
@@ -161,7 +162,10 @@ NODE_FLAG = "spunnelNode"  # page config option set on the node: the node plugin
 # "at"}...], "save_seq": N}; a save is asked for by raising save_seq.
 # saved.json (node_extension.py writes the browser's answer): {"seq": N, "saved": [paths],
 # "failed": [paths], "at": epoch}. browser-polled: touched on every GET of the notice.
+# idle.json (node_extension.py writes it, with --idle-timeout): {"release_at": epoch or null}, when
+# Jupyter would end itself for want of activity (null: a busy or connected kernel holds it).
 NOTICE_FILE, SAVED_FILE, POLLED_FILE = "notice.json", "saved.json", "browser-polled"
+IDLE_FILE = "idle.json"
 MAX_PATHS = 1000  # paths kept in a saved answer
 
 
@@ -237,6 +241,7 @@ class SessionRecord:
     tunnel_mode: str = ""
     notes: list[str] = field(default_factory=list)
     end_time: float | None = None
+    warnings: list[str] = field(default_factory=list)  # the node's warnings (idle release ahead)
     expected_start: float | None = None  # pending: when Slurm expects to start the job
     times: dict[str, float] = field(default_factory=dict)
     supervisor_pid: int = 0

@@ -51,6 +51,7 @@ from .protocol import (
     STARTED,
     STOP,
     TOKEN,
+    WARNING,
     ControlRequest,
     NodeEvent,
     SessionRecord,
@@ -97,6 +98,7 @@ class Session:
         self.expected_start: float | None = None  # pending: Slurm's guess, if it has one
         self.url = ""
         self.notes: list[str] = []  # things the user should be told, in order
+        self.warnings: list[str] = []  # the node's warnings (an idle release ahead)
         self.times: dict[str, float] = {"submitted": time.time()}
         self.outcome: Outcome | None = None
         self.job_gone = False  # teardown saw the job leave the queue
@@ -109,8 +111,7 @@ class Session:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._tasks: list[asyncio.Future[Any]] = []
         self._task: asyncio.Future[Outcome] | None = None
-        self._lost_at = 0.0
-        self._save_failed = False
+        self._lost_at, self._save_failed = 0.0, False
         self._log = state.open_log(LOG, keep=settings.logs_kept)
         self.channel = make_channel(kind, settings, self._log, self._post, job_id)
         loop = asyncio.get_event_loop()  # relays post from their threads
@@ -125,10 +126,6 @@ class Session:
         self.control = ControlServer(state.file(CONTROL), self._on_control)
 
     # -- public ------------------------------------------------------------------------------
-    @property
-    def time_left(self) -> float | None:
-        return None if self.end_time is None else max(0.0, self.end_time - time.time())
-
     def record(self, *, with_secrets: bool = False) -> SessionRecord:
         """What session.json holds (with secrets) and what last.json keeps (without)."""
         record = dataclasses.replace(
@@ -136,7 +133,7 @@ class Session:
             job_state=self.job_state.value, reason=self.reason, node=self.node, port=self.port,
             tunnels=[str(p) for p in self.req.tunnels], tunnel_state=self.tunnel_state.value,
             tunnel_mode=self.tunnel_mode, notes=self.notes[-20:], end_time=self.end_time,
-            expected_start=self.expected_start,
+            warnings=self.warnings[-20:], expected_start=self.expected_start,
             times=self.times, ended_reason=self.outcome.reason if self.outcome else "",
         )  # fmt: skip
         if with_secrets:
@@ -233,8 +230,7 @@ class Session:
         elif isinstance(event, TunnelUp) and self.phase is Phase.STARTING:
             self._ready()
         elif isinstance(event, TunnelUp) and self.tunnel_state is TunnelState.RECONNECTING:
-            took = time.monotonic() - self._lost_at
-            self.times["reconnected_s"] = round(took, 3)
+            self.times["reconnected_s"] = took = round(time.monotonic() - self._lost_at, 3)
             self._set(tunnel_state=TunnelState.UP)
             self.announce(f"{event.what} after {took:.1f} s; the URL is unchanged")
         elif isinstance(event, TunnelLost) and self.tunnel_state is TunnelState.UP:
@@ -258,6 +254,8 @@ class Session:
             self.node, self.req.ui = event.get("host", ""), event.get("ui", self.req.ui)
             self._running(int(job_id) if job_id.isdigit() else self.job_id)
             self.link.node_started(self.node, event.get("socket", ""))
+        elif event.kind == WARNING:
+            self._set(warnings=[*self.warnings, str(event.get("text", ""))])
         elif event.kind == READY and self.phase is Phase.STARTING:
             self.times["jupyter_ready"] = time.time()
             self._spawn(self.link.build(self.node, event.get("socket", "")))
@@ -366,8 +364,7 @@ class Session:
         self._tasks.append(asyncio.ensure_future(coro))
 
     def _end(self, outcome: Outcome) -> None:
-        if self.outcome is None:
-            self.outcome = outcome
+        self.outcome = self.outcome or outcome
 
     def _set(self, save: bool = True, notify: bool = True, **changes: Any) -> None:
         if "phase" in changes:

@@ -21,6 +21,8 @@ export interface ISnapshot {
   reason: string;
   node: string;
   end_time: number | null;
+  /** The node's own warnings (an idle release ahead), oldest first. */
+  warnings?: string[];
   /** While pending: when Slurm expects to start the job, if it knows. */
   expected_start?: number | null;
   url: string;

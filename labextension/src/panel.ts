@@ -183,6 +183,12 @@ export class SpunnelPanel extends Widget {
     if (this.snapshot?.phase === 'pending' && snapshot && snapshot.phase !== 'pending') {
       this.tellStarted(snapshot);
     }
+    for (const text of snapshot?.warnings ?? []) {
+      if (!this.warnedNode.has(text)) {
+        this.warnedNode.add(text);
+        this.warn(text);
+      }
+    }
     this.snapshot = snapshot;
     this.render();
     if (ended) {
@@ -365,12 +371,16 @@ export class SpunnelPanel extends Widget {
       const due = dueWarnings(this.config.warn_before ?? [], this.warned, left);
       if (due.length) {
         due.forEach(minutes => this.warned.add(minutes));
-        const text = timeLimitWarning(s.job_id, left);
-        LabNotification.warning(text, { autoClose: false });
-        this.notice.textContent = text;
-        this.notice.hidden = false;
+        this.warn(timeLimitWarning(s.job_id, left));
       }
     }
+  }
+
+  /** A warning: a notification that stays until closed, and the panel's notice line. */
+  private warn(text: string): void {
+    LabNotification.warning(text, { autoClose: false });
+    this.notice.textContent = text;
+    this.notice.hidden = false;
   }
 
   private readonly errorBox = el('div', {
@@ -403,6 +413,8 @@ export class SpunnelPanel extends Widget {
   private busy = false;
   /** The time-limit warnings already given (minutes before the end). */
   private warned = new Set<number>();
+  /** The node's warnings already shown (each text once). */
+  private warnedNode = new Set<string>();
   private ticker = 0;
   private stream: IDisposable | null = null;
 }

@@ -21,6 +21,8 @@ Modes (--Fake.mode):
   hang             listens, accepts, never answers
   exit             exits with --Fake.code (default 1) after --Fake.delay seconds, before ready
 SIGTERM: exits 0 after --Fake.stop_delay seconds (default 0.3; real Jupyter takes a moment too).
+With --ServerApp.shutdown_no_activity_timeout (--idle-timeout), it writes $SPUNNEL_RUNDIR/idle.json
+as the node extension would for a server unused until now: its idle release 20 s away.
 """
 
 from __future__ import annotations
@@ -144,6 +146,9 @@ def main(argv: list[str]) -> int:
     log_call("jupyter", argv)
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     mode = opts.get("Fake.mode", "serve")
+    if opts.get("ServerApp.shutdown_no_activity_timeout") and os.environ.get("SPUNNEL_RUNDIR"):
+        idle = Path(os.environ["SPUNNEL_RUNDIR"]) / "idle.json"
+        idle.write_text(json.dumps({"release_at": round(time.time()) + 20}))
     sock = opts["ServerApp.sock"]
     token = os.environ.get("JUPYTER_TOKEN", "")
     if mode == "exit":

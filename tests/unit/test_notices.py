@@ -173,3 +173,60 @@ def test_the_browsers_answer_is_checked():
                 {"seq": 1, "failed": [1]}):  # fmt: skip
         with pytest.raises(ProtocolError):
             saved_answer(bad)
+
+
+def test_idle_warnings_come_before_the_release_and_rearm_when_it_is_pushed_back(tmp_path):
+    assert notices.idle_thresholds([600, 60], 3600) == [600, 60]
+    assert notices.idle_thresholds([600, 60], 60) == [30]  # none shorter: one at half of it
+    said: list[str] = []
+    n = Notices(tmp_path, JOB, [600, 60], 2.0, idle_minutes=1, on_warning=said.append)
+    now = time.time()
+    n._learn_idle({"release_at": now + 60})
+    n._tick(now)
+    assert said == [] and n._until_next(now) <= notices.IDLE_POLL
+    n._tick(now + 31)
+    assert len(said) == 1 and said[0].startswith("Jupyter stops in 29 s: nothing ran"), said
+    assert notice(tmp_path)["warnings"][-1]["text"] == said[0]
+    n._tick(now + 40)
+    assert len(said) == 1  # once
+    n._learn_idle({"release_at": now + 65})  # a little later (rounding, a late check): same one
+    n._tick(now + 41)
+    assert len(said) == 1
+    n._learn_idle({"release_at": now + 200})  # used again: a new countdown
+    n._tick(now + 171)
+    assert len(said) == 2
+    n._learn_idle({"release_at": None})  # a busy kernel holds it: no release, no warning
+    n._tick(now + 400)
+    assert len(said) == 2
+    n._learn_idle("torn")  # a torn file is no release either
+    assert n.idle_end is None
+
+
+def test_the_idle_release_is_estimated_from_jupyters_own_activity():
+    from datetime import datetime, timezone
+    from types import SimpleNamespace as NS
+
+    from spunnel_jupyter.node_extension import idle_release_at
+
+    def at(epoch: float) -> datetime:
+        return datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+    now = time.time()
+    kernels: dict[str, NS] = {}
+    km = NS(cull_busy=False, cull_connected=False, cull_idle_timeout=60, _kernel_connections={},
+            list_kernel_ids=lambda: list(kernels), get_kernel=kernels.__getitem__)  # fmt: skip
+    terms = NS(terminals={}, cull_inactive_timeout=60)
+    web = NS(last_activity=lambda: at(now), settings={"terminal_manager": terms})
+    app = NS(shutdown_no_activity_timeout=60, kernel_manager=km, web_app=web)
+    assert idle_release_at(app) == pytest.approx(now + 60)  # nothing open
+    kernels["k"] = NS(execution_state="idle", last_activity=at(now - 10))
+    assert idle_release_at(app) == pytest.approx(now + 110)  # culled at +50, then 60 s more
+    terms.terminals["1"] = NS(last_activity=at(now + 5))
+    assert idle_release_at(app) == pytest.approx(now + 125)
+    kernels["k"].execution_state = "busy"
+    assert idle_release_at(app) is None  # a busy kernel is spared: no release while it runs
+    kernels["k"].execution_state = "idle"
+    km._kernel_connections["k"] = 1
+    assert idle_release_at(app) is None  # nor while a notebook is connected to it
+    app.shutdown_no_activity_timeout = 0
+    assert idle_release_at(app) is None  # --idle-timeout off

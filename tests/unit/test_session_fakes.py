@@ -395,6 +395,26 @@ def test_time_limit(fake):
     fake.assert_clean(m)
 
 
+def test_an_idle_release_ahead_is_warned_on_the_login_side(fake):
+    m = SpunnelManager(config=fake.config())
+
+    async def scenario():
+        s = await start(m, idle_timeout=1)  # the fake Jupyter: released in 20 s unless used
+        await ready(s)
+        await until(lambda: s.warnings, what="the node's warning")
+        record = m.status()
+        s.request_stop("done")
+        await s.wait()
+        return s, record
+
+    s, record = run(scenario())
+    (text,) = s.warnings
+    assert re.fullmatch(r"Jupyter stops in (1\d|20) s: nothing ran and no one used it for 1 min "
+                        r"\(--idle-timeout\)\. Use it to keep it\.", text), text  # fmt: skip
+    assert record["warnings"] == [text]
+    fake.assert_clean(m)
+
+
 def test_time_limit_told_by_slurmstepd_when_the_controller_is_away(fake):
     m = SpunnelManager(config=fake.config(SpunnelManager={"stop_timeout": 1.0}))
 
