@@ -137,7 +137,7 @@ export class SpunnelPanel extends Widget {
     if (waited > STARTED_AFTER && 'Notification' in window) {
       if (Notification.permission === 'granted') {
         new Notification('Jupyter on a compute node', {
-          body: `Job ${s.job_id} started on ${s.node || 'its node'} after ${duration(waited)} in the queue`
+          body: `Job ${s.job_id} started on ${s.node} after ${duration(waited)} in the queue`
         });
       }
     }
@@ -181,7 +181,13 @@ export class SpunnelPanel extends Widget {
   private display(snapshot: ISnapshot | null): void {
     const ended = this.snapshot?.phase !== 'ended' && snapshot?.phase === 'ended';
     if (this.snapshot?.phase === 'pending' && snapshot && snapshot.phase !== 'pending') {
-      this.tellStarted(snapshot);
+      this.startToTell = true; // a job that waited started: told once its node is known too
+    }
+    if (this.startToTell && (snapshot?.node || !snapshot || snapshot.phase === 'ended')) {
+      this.startToTell = false;
+      if (snapshot?.node) {
+        this.tellStarted(snapshot);
+      }
     }
     for (const text of snapshot?.warnings ?? []) {
       if (!this.warnedNode.has(text)) {
@@ -413,6 +419,8 @@ export class SpunnelPanel extends Widget {
   private busy = false;
   /** The time-limit warnings already given (minutes before the end). */
   private warned = new Set<number>();
+  /** A job that waited has started, and the browser's notification is still to come. */
+  private startToTell = false;
   /** The node's warnings already shown (each text once). */
   private warnedNode = new Set<string>();
   private ticker = 0;

@@ -33,6 +33,18 @@ TILE = "Jupyter on a compute node"
 WAITING = ('[data-testid="spunnel-phase"][data-phase="pending"],'
            '[data-testid="spunnel-phase"][data-phase="starting"]')  # fmt: skip
 READY = '[data-testid="spunnel-phase"][data-phase="ready"]'
+# The browser's notifications (granted, as a user would on first use), recorded as they are made.
+RECORD_NOTIFICATIONS = """(() => {
+  const Real = window.Notification;
+  const made = (window.__spunnelNotifications = []);
+  function Recorded(title, options) {
+    made.push(`${title}: ${(options || {}).body || ''}`);
+    return new Real(title, options);
+  }
+  Object.defineProperty(Recorded, 'permission', { get: () => Real.permission });
+  Recorded.requestPermission = (...args) => Real.requestPermission(...args);
+  window.Notification = Recorded;
+})();"""
 
 
 @dataclass
@@ -62,7 +74,11 @@ def browser(cluster: dict[str, str], artifacts: Path) -> Iterator[Browser]:
     with jupyterlab(USER, artifacts) as lab, sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = chromium.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            context = chromium.new_context(
+                viewport={"width": 1280, "height": 800}, permissions=["notifications"]
+            )
+            context.add_init_script(RECORD_NOTIFICATIONS)
+            page = context.new_page()
             b = Browser(lab, page)
             # Only ours: Notebook 7.6's own pages throw one at load ("reading 'schema'").
             page.on("pageerror", lambda exc: b.errors.append(exc.stack or str(exc))
@@ -253,6 +269,41 @@ def test_queued_job_shows_reason_and_elapsed_and_cancels(
     assert "JobState=CANCELLED" in state, state
     polls = [c for c in browser.api_calls if c == "GET /spunnel/api/session"]
     assert len(polls) <= 2, browser.api_calls
+
+
+def test_the_panel_tells_of_the_start_the_time_limit_and_the_idle_release(
+    browser: Browser, node_full: str, cluster: dict[str, str], artifacts: Path
+) -> None:
+    """A job that waited: the browser's notification when it starts. Then, in JupyterLab's own
+    notifications and the panel: the time-limit warning (10 minutes, due at once) and the node's
+    warning before its idle release (--idle-timeout 1: nothing runs there)."""
+    page = browser.page
+    browser.open_panel()
+    page.get_by_test_id("spunnel-mem").fill("1000")
+    page.get_by_test_id("spunnel-time").fill("10")
+    page.get_by_test_id("spunnel-idle").fill("1")
+    page.get_by_test_id("spunnel-start").click()
+    expect(page.get_by_test_id("spunnel-job-id")).to_have_text(re.compile(r"^\d+$"), timeout=30_000)
+    job_id = page.get_by_test_id("spunnel-job-id").inner_text()
+    expect(page.get_by_test_id("spunnel-elapsed")).to_have_text(re.compile(r"^0:1[1-9]$"),
+                                                                timeout=30_000)  # fmt: skip
+    subprocess.run(["scancel", node_full], check=True)
+    expect(page.locator(READY)).to_be_visible(timeout=120_000)
+    made = page.evaluate("window.__spunnelNotifications")
+    assert len(made) == 1 and re.fullmatch(
+        rf"Jupyter on a compute node: Job {job_id} started on {cluster['NODE']} after 0:\d\d "
+        r"in the queue", made[0]), made  # fmt: skip
+    toast = page.locator(".Toastify__toast")
+    expect(
+        toast.filter(has_text=f"Job {job_id} reaches its time limit in 10 minutes")
+    ).to_be_visible(timeout=10_000)
+    idle = toast.filter(has_text=re.compile(r"Jupyter stops in .* \(--idle-timeout\)"))
+    expect(idle).to_be_visible(timeout=90_000)
+    expect(page.get_by_test_id("spunnel-notice")).to_contain_text("--idle-timeout")
+    page.screenshot(path=artifacts / "panel-warnings.png")
+    page.get_by_test_id("spunnel-stop").click()
+    expect(page.get_by_test_id("spunnel-start")).to_be_visible(timeout=30_000)
+    assert squeue(USER) == []
 
 
 def test_notebook7_file_browser_has_the_panel_as_a_tab(browser: Browser) -> None:

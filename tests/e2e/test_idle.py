@@ -5,6 +5,7 @@ session whose kernel is busy is left alone."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import uuid
@@ -49,6 +50,10 @@ def test_an_idle_session_is_released_and_a_busy_one_is_left_alone():
         print(f"--idle-timeout 1 released the idle session after {took:.0f} s")
         assert 55 <= took <= 180, took
         assert "released after 1 minutes with no busy kernel" in idle.output
+        # Warned before, with the bell: a minute has no shorter warning, so one at half of it.
+        warned = r"\x07spunnel-notebook: Jupyter stops in (\d+ s|1 min(?: \d+ s)?): nothing ran"
+        assert re.search(warned + r".*\(--idle-timeout\)", idle.output), idle.output
+        assert not re.search(r"Jupyter stops in .*--idle-timeout", busy.output), busy.output
         assert "gone from the queue" in idle.output
         time.sleep(30)  # past the busy one's own timeout and a check of Jupyter's
         assert busy.proc.poll() is None, busy.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from pathlib import Path
 
 from .browser import CHROMIUM_ARGS, chromium_path
@@ -19,6 +20,11 @@ except ImportError as e:  # a missing dependency is a failure, not a skip
     raise ImportError(f"{e}: install the project's [test] extra (tests/cluster/up.sh does)") from e
 
 NOTEBOOK = "spunnel-save-test.ipynb"
+EMPTY = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [],
+                    "execution_count": None}],
+         "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                     "language": "python"}},
+         "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
 
 
 def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
@@ -27,13 +33,8 @@ def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
     s = start("alice", "-t", "2", env_path=site)
     try:
         s.wait_ready()
-        empty = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [],
-                            "execution_count": None}],
-                 "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                             "language": "python"}},
-                 "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
         code, _ = rest(s.port, s.token, "PUT", f"/api/contents/{NOTEBOOK}",
-                       {"type": "notebook", "format": "json", "content": empty})  # fmt: skip
+                       {"type": "notebook", "format": "json", "content": EMPTY})  # fmt: skip
         assert code in (200, 201)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
@@ -69,6 +70,66 @@ def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
     m = re.search(r"the node's JupyterLab saved 1 document\(s\) \(saved, (\d+\.\d+) s\)", s.output)
     assert m, s.output
     print(f"save before the stop: {m.group(1)} s")
+    on_disk.unlink()
+    _took, left_over = wait_clean("alice", timeout=15)
+    assert not left_over, left_over
+
+
+def test_the_time_limit_is_warned_twice_and_the_edit_saved_before_the_job_ends(artifacts: Path):
+    """`-t 3`, warnings at 2 and 1 minutes: both in the terminal (with the bell) and in the node's
+    JupyterLab; an edit never saved by hand is on disk before Slurm ends the job. Autosave is off
+    (a user's own setting), so that only the session's save can have put it there."""
+    site = site_config({"SpunnelManager": {"warn_before": [2, 1]}})
+    on_disk = Path("/home/alice") / NOTEBOOK
+    settings = Path("/home/alice/.jupyter/lab/user-settings/@jupyterlab/docmanager-extension")
+    as_user("alice", ["mkdir", "-p", str(settings)], timeout=10)
+    (settings / "plugin.jupyterlab-settings").write_text('{"autosave": false}\n')
+    s = start("alice", "-t", "3", env_path=site)
+    try:
+        s.wait_ready()
+        code, _ = rest(s.port, s.token, "PUT", f"/api/contents/{NOTEBOOK}",
+                       {"type": "notebook", "format": "json", "content": EMPTY})  # fmt: skip
+        assert code in (200, 201)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            try:
+                page.goto(f"http://127.0.0.1:{s.port}/lab/tree/{NOTEBOOK}?token={s.token}")
+                cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+                cell.wait_for(timeout=60_000)
+                cell.click()
+                page.keyboard.type("edited = 'typed before the time limit, never saved'")
+                page.locator(".lm-TabBar-tab.jp-mod-dirty").first.wait_for(timeout=10_000)
+                bell = r"\x07spunnel-notebook: job \d+ reaches its time limit in {}"
+                s.wait_for(bell.format("2 minutes"), timeout=90)
+                warnings = page.get_by_text(re.compile(r"Jupyter stops in .*time limit"))
+                warnings.first.wait_for(timeout=30_000)
+                page.wait_for_timeout(500)
+                page.screenshot(path=str(artifacts / "node-lab-time-limit-2-min.png"))
+                s.wait_for(bell.format("1 minute:"), timeout=90)
+                deadline = time.monotonic() + 30
+                while warnings.count() < 2 and time.monotonic() < deadline:
+                    page.wait_for_timeout(250)
+                assert warnings.count() >= 2, warnings.all_inner_texts()
+                page.screenshot(path=str(artifacts / "node-lab-time-limit-1-min.png"))
+                assert "never saved" not in on_disk.read_text()  # autosave is off
+                end_time = s.record["end_time"]
+                while "never saved" not in on_disk.read_text() and time.time() < end_time + 60:
+                    time.sleep(0.2)
+                saved_at = time.time()  # within 0.2 s of the save
+                code = s.finish(timeout=150)
+            finally:
+                browser.close()
+        assert code == 0, s.output
+    finally:
+        s.close()
+        shutil.rmtree(site, ignore_errors=True)
+        (settings / "plugin.jupyterlab-settings").unlink(missing_ok=True)
+    assert re.search(r"session ended: job \d+ reached its time limit", s.output), s.output
+    assert "never saved" in on_disk.read_text(), s.output
+    log = (state_dir("alice") / "session.log").read_text(errors="replace")[-4000:]
+    assert saved_at < end_time, (saved_at, end_time, log)  # before Slurm could send SIGTERM
+    print(f"saved {end_time - saved_at:.1f} s before the time limit")
     on_disk.unlink()
     _took, left_over = wait_clean("alice", timeout=15)
     assert not left_over, left_over
