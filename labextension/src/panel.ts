@@ -189,6 +189,10 @@ export class SpunnelPanel extends Widget {
         this.tellStarted(snapshot);
       }
     }
+    if (snapshot && snapshot.job_id !== this.snapshot?.job_id) {
+      this.warned.clear(); // another session: its own warnings
+      this.warning = '';
+    }
     for (const text of snapshot?.warnings ?? []) {
       if (!this.warnedNode.has(text)) {
         this.warnedNode.add(text);
@@ -233,9 +237,13 @@ export class SpunnelPanel extends Widget {
     this.form.hidden = live;
     this.status.hidden = !live;
     this.renderForm();
-    this.notice.hidden = !(s?.phase === 'ended');
     this.notice.textContent =
-      s?.phase === 'ended' ? `The last session ended: ${s.ended_reason || 'no reason given'}.` : '';
+      s?.phase === 'ended'
+        ? `The last session ended: ${s.ended_reason || 'no reason given'}.`
+        : live
+          ? this.warning
+          : '';
+    this.notice.hidden = !this.notice.textContent;
     this.renderDetached(live);
     if (!live) {
       return;
@@ -385,8 +393,8 @@ export class SpunnelPanel extends Widget {
   /** A warning: a notification that stays until closed, and the panel's notice line. */
   private warn(text: string): void {
     LabNotification.warning(text, { autoClose: false });
-    this.notice.textContent = text;
-    this.notice.hidden = false;
+    this.warning = text;
+    this.render();
   }
 
   private readonly errorBox = el('div', {
@@ -421,6 +429,8 @@ export class SpunnelPanel extends Widget {
   private warned = new Set<number>();
   /** A job that waited has started, and the browser's notification is still to come. */
   private startToTell = false;
+  /** The last warning, shown in the panel until the session ends. */
+  private warning = '';
   /** The node's warnings already shown (each text once). */
   private warnedNode = new Set<string>();
   private ticker = 0;
