@@ -330,6 +330,15 @@ def wait_gone(
     return {**seen, "all": max(seen.values()) if not left else None, "left": left}
 
 
+def save_phase(user: str) -> dict[str, Any]:
+    """The save before the end, as the launcher reported it in its `exited` event: what happened
+    (saved, no-browser, timeout) and how long it took."""
+    log = (C.state_dir(user) / "session.log").read_text(errors="replace")
+    exits = re.findall(r'@spunnel (\{"event": "exited".*\})', log)
+    said = json.loads(exits[-1]) if exits else {}
+    return {"save": said.get("save", "none"), "save_s": float(said.get("save_s") or 0.0)}
+
+
 # -- one session of the tool -----------------------------------------------------------------------
 @dataclass
 class Tool:
@@ -513,6 +522,7 @@ class Bench:
             gone["exit_code"] = tool.finish()
             gone["job_id"] = job
             gone["teardown_s_reported"] = tool.last().get("times", {}).get("teardown_s")
+            gone.update(save_phase(user))
             self.add(f"end_{end}", gone)
             if gone["all"] is None:
                 self.notes.append(f"{end}: left after 20 s: {gone['left']}")
@@ -522,6 +532,38 @@ class Bench:
         finally:
             if tool.proc and tool.proc.poll() is None:
                 tool.proc.kill()
+            self.clean(user)
+
+    def detached_session(self, user: str) -> None:
+        """`--detach` until the prompt is back; `attach` after the supervisor that held the
+        tunnel was SIGKILLed (a crash of the login side) until the URL answers again, Ctrl-C
+        (detaches); then `stop` until everything is gone."""
+        self.clean(user)
+        t0 = time.monotonic()
+        done = C.as_user(user, [PROG, "--detach", *JOB_ARGS], timeout=120)
+        self.add("detach_prompt_s", time.monotonic() - t0)
+        if done.returncode != 0 or not URL_RE.search(done.stdout):
+            raise RuntimeError(f"--detach failed: {mask(done.stdout + done.stderr)[-500:]}")
+        try:
+            record = json.loads((C.state_dir(user) / "session.json").read_text())
+            job, supervisor = int(record["job_id"]), int(record["supervisor_pid"])
+            os.kill(supervisor, signal.SIGKILL)
+            while Path(f"/proc/{supervisor}").exists():
+                time.sleep(0.005)
+            tool = Tool(user, ["attach"]).start()
+            tool.wait_url()
+            self.add("attach_s", tool.answered_at - tool.t0)
+            assert tool.proc is not None
+            tool.proc.send_signal(signal.SIGINT)
+            if tool.finish() != 0 or squeue_state(job) != "RUNNING":
+                raise RuntimeError("Ctrl-C of attach did not leave the job running")
+            t1 = time.monotonic()
+            stopped = C.as_user(user, [PROG, "stop"], timeout=60)
+            gone = wait_gone(user, None, [job], t1)
+            if stopped.returncode != 0:
+                raise RuntimeError(f"stop failed: {mask(stopped.stdout + stopped.stderr)}")
+            self.add("stop_detached", gone)
+        finally:
             self.clean(user)
 
     def cli_times(self, user: str, reps: int = 5) -> None:
@@ -901,6 +943,24 @@ def summarize(s: dict[str, list[Any]], scale: dict[str, Any] | None) -> list[dic
         values = col(f"end_{end}", key)
         if values:
             row(what, "s", stats(values), scancel_floors, "<= 1 s", *within(values, 1.0))
+    saves = col("end_ctrl-c", "save_s")
+    ctrl_c = next((r for r in rows if r["figure"].startswith("Ctrl-C ->")), None)
+    if saves and ctrl_c:
+        kinds = sorted(set(col("end_ctrl-c", "save")))
+        ctrl_c["result"] += (
+            f"; of which the save before it: {statistics.median(saves) * 1000:.0f} ms "
+            f"({', '.join(kinds)}: no browser in the benchmark; with one, tests/e2e/test_node_lab)"
+        )
+    for key, what in (
+        ("detach_prompt_s", "`--detach` -> prompt back, URL printed and answering"),
+        ("attach_s", "`attach` after the login side's supervisor was killed -> URL answering"),
+    ):
+        row(what, "s", stats(col(key)), [start_floor | {"what": "srun starting Jupyter"}],
+            "(reported)")  # fmt: skip
+    values = col("stop_detached", "all")
+    if values:
+        row("`stop` of a detached session -> job gone, tunnel closed, lock free, nothing left",
+            "s", stats(values), scancel_floors, "<= 1 s", *within(values, 1.0))  # fmt: skip
     py = stats(col("python_pass_s"))
     for name, what in (("status_s", "`spunnel-notebook status` wall time"), ("help_s", "`--help`")):
         v = stats(col(name))
@@ -1071,6 +1131,7 @@ def main() -> int:
             bench.attempt("session", bench.tool_session, "bench01", "ctrl-c", True)
             bench.attempt("floor", bench.floor, "bench03")
             bench.attempt("session", bench.tool_session, "bench01", "scancel", False)
+            bench.attempt("detached session", bench.detached_session, "bench04")
     if "pending" not in skip:
         costs = bench.attempt("RPC costs", bench.rpc_costs, "bench06")
         for i in range(reps):
