@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 
-from traitlets.config import Application, Config
+from traitlets import Bool, List, Unicode
+from traitlets.config import Application, Config, Configurable
 
 CONFIG_FILE = "jupyter_spunnel_jupyter_config"
 
@@ -43,3 +44,31 @@ def load_site_config(log: logging.Logger | None = None) -> Config:
     ):
         config.merge(loaded)
     return config
+
+
+class PrivateTmp(Configurable):
+    """A private /tmp and /var/tmp for Jupyter, its kernels and terminals on the node, as the
+    private-tmpdir SPANK plugin gives (privatetmp.py), removed when the session ends."""
+
+    enabled = Bool(
+        True,
+        config=True,
+        help="""Give each session's Jupyter a private /tmp and /var/tmp (an unprivileged user and
+        mount namespace; where the node refuses one, TMPDIR/TMP/TEMP point at the private
+        directory instead). Left alone where the site already makes /tmp private per job.""",
+    )
+    base = Unicode(
+        "",
+        config=True,
+        help="""Where the private directories go: BASE.JOB.RESTART/{tmp,var_tmp}, as the
+        plugin's base=. Empty: inside the session's runtime directory on the node.""",
+    )
+    mounts = List(
+        Unicode(),
+        ["/var/tmp", "/tmp"],  # noqa: S108 (mount points, as the plugin's mount=)
+        config=True,
+        help="The directories made private (/tmp is always mounted last).",
+    )
+
+    def settings(self) -> tuple[bool, str, tuple[str, ...]]:
+        return self.enabled, self.base, tuple(self.mounts)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import process
+from .config import PrivateTmp
 from .errors import SpunnelError
 from .manager import SpunnelManager
 from .protocol import job_tag
@@ -39,9 +40,12 @@ _NODE_PROBE = """
 import importlib.util as u, json, os, socket, subprocess, sys
 mods = {m: bool(u.find_spec(m)) for m in ("jupyter_server", "ipykernel", "jupyterlab")}
 back = subprocess.run(sys.argv[1:] + ["true"], capture_output=True, text=True, timeout=30)
+tmp = subprocess.run([sys.executable, "-m", "spunnel_jupyter.privatetmp", "--probe"],
+                     capture_output=True, text=True, timeout=30)
 print(json.dumps({"host": socket.gethostname(), "job": os.environ.get("SLURM_JOB_ID"),
                   "python": sys.executable, "modules": mods, "reverse_rc": back.returncode,
-                  "reverse_err": back.stderr.strip()[-300:]}), flush=True)
+                  "reverse_err": back.stderr.strip()[-300:],
+                  "private_tmp": (tmp.stdout or tmp.stderr).strip()[-300:]}), flush=True)
 sys.stdin.readline()
 """
 
@@ -125,6 +129,7 @@ async def _allocation_checks(manager: SpunnelManager) -> list[Check]:
             "install them in the environment the nodes use (c.SpunnelManager.launcher_command)"
             if missing else "",
         ))  # fmt: skip
+        checks.append(_private_tmp(manager, report["private_tmp"]))
         checks.append(await _ssh_to_node(manager, node, str(report["job"])))
         checks.append(Check(
             "reverse path to this host", "ok" if report["reverse_rc"] == 0 else "FAIL",
@@ -142,6 +147,20 @@ async def _allocation_checks(manager: SpunnelManager) -> list[Check]:
                     await slurm.cancel(job_id)
             await process.stop(srun, grace=5, first=None)
     return checks
+
+
+def _private_tmp(manager: SpunnelManager, found: str) -> Check:
+    """Which private /tmp the node gives: the site's, ours (a user namespace), or only TMPDIR."""
+    if not PrivateTmp(parent=manager).enabled:
+        return Check("private /tmp", "ok", f"off (c.PrivateTmp.enabled); the node: {found}")
+    if found.startswith(("ours:", "the site's:")):
+        return Check("private /tmp", "ok", found)
+    return Check(
+        "private /tmp", "warn", found or "the probe said nothing",
+        "kernels share the node's /tmp except through TMPDIR: allow unprivileged user "
+        "namespaces on the nodes (sysctl user.max_user_namespaces), or give jobs a private /tmp "
+        "(job_container/tmpfs)",
+    )  # fmt: skip
 
 
 async def _ssh_to_node(manager: SpunnelManager, node: str, job: str) -> Check:

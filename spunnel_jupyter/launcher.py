@@ -33,7 +33,6 @@ import importlib.util
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import sys
@@ -41,7 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import probes, process
+from . import privatetmp, probes, process
 from .dialback import DialBack
 from .notices import Notices
 from .protocol import (
@@ -50,6 +49,7 @@ from .protocol import (
     NODE_FLAG,
     RUNDIR_ENV,
     SETTINGS_ENV,
+    TMP_NOTE,
     TOKEN_FILE,
     WARNING,
     LauncherSettings,
@@ -58,7 +58,7 @@ from .protocol import (
     VersionMismatch,
     ui_path,
 )
-from .rundir import hold, make_runtime_dir, private_file, remove_stale
+from .rundir import hold, make_runtime_dir, private_file, read_json, remove_stale
 
 _PR_SET_CHILD_SUBREAPER = 36
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes with the terminating NUL
@@ -152,6 +152,8 @@ class Launcher:
         self.stop_grace = float(settings.stop_grace)
         self.warn_before, self.save_grace = settings.warn_before, float(settings.save_grace)
         self.idle_timeout = int(settings.idle_timeout)
+        self.private_tmp = bool(settings.private_tmp)
+        self.tmp_base, self.tmp_mounts = settings.private_tmp_base, settings.private_tmp_mounts
         self.idled = False  # Jupyter said it shut itself down for want of activity
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -177,7 +179,9 @@ class Launcher:
             return await self._serve(rundir)
         finally:
             kill_leftovers()
-            shutil.rmtree(rundir, ignore_errors=True)
+            if self.tmp_base:  # the private /tmp, if the site put it elsewhere
+                privatetmp.cleanup(privatetmp.path_for(self.tmp_base, self.job_id, self.restart))
+            privatetmp.cleanup(rundir)  # (the default private /tmp is in there)
             os.close(held)
 
     def _publish(self, rundir: Path) -> None:
@@ -236,6 +240,10 @@ class Launcher:
             *idle_args(self.idle_timeout),
             *self.args,
         ]
+        if self.private_tmp:  # Jupyter, its kernels and terminals: in a private /tmp
+            base = self.tmp_base or str(rundir / "tmp")
+            argv = privatetmp.wrap(argv, base, self.job_id, self.restart, self.tmp_mounts,
+                                   keep=[str(rundir)], note=str(rundir / TMP_NOTE))  # fmt: skip
         jupyter = await asyncio.create_subprocess_exec(
             *argv,
             env=env,
@@ -256,7 +264,8 @@ class Launcher:
         await asyncio.wait({ready, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         failed = ready.done() and not ready.result()
         if ready.done() and ready.result():
-            emit("ready", socket=str(sock))
+            tmp = read_json(rundir / TMP_NOTE)  # what the private /tmp came to
+            emit("ready", socket=str(sock), tmp=tmp if isinstance(tmp, dict) else {})
             listening = asyncio.ensure_future(dialer.listen(self.commands))
             noticing = asyncio.ensure_future(notices.run())
         elif failed:

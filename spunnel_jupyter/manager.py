@@ -21,7 +21,7 @@ from traitlets.config import LoggingConfigurable
 from . import probes, process
 from .backend import SlurmBackend
 from .checks import check_against_cluster
-from .config import site_config_key
+from .config import PrivateTmp, site_config_key
 from .control import send
 from .detached import DetachedJob, choose, detached_jobs, end_detached
 from .errors import NoSession, SessionExists, SpunnelError, UsageError
@@ -173,6 +173,7 @@ class SpunnelManager(LoggingConfigurable):
             pending_poll_interval=self.pending_poll_interval,
             refresh_interval=self.refresh_interval, logs_kept=self.logs_kept,
             warn_before=tuple(self.warn_before), save_grace=self.save_grace,
+            private_tmp=PrivateTmp(parent=self).settings(),
         )  # fmt: skip
 
     @default("tunnel")

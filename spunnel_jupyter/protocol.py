@@ -36,6 +36,7 @@ TAG_PREFIX = "spunnel-jupyter"  # jobs are tagged --comment=spunnel-jupyter:<hos
 DETACHED_PREFIX = "spunnel-jupyter-detached"  # ... and detached ones with this prefix instead
 SETTINGS_ENV = "SPUNNEL_SETTINGS"  # a detached launcher's settings (no token in them)
 TOKEN_FILE, EVENTS_FILE, JUPYTER_LOG = "token", "events", "jupyter.log"  # in the runtime dir
+TMP_NOTE = "private-tmp.json"  # in the runtime dir: {"mode", "text"} of Jupyter's private /tmp
 
 
 UI_PATHS = {"lab": "/lab", "notebook": "/tree"}  # the UI a session opens, and its URL path
@@ -92,6 +93,9 @@ class LauncherSettings:
     idle_timeout: int = 0  # minutes; Jupyter ends itself after that long without activity
     warn_before: list[int] = field(default_factory=lambda: [600, 60])  # s before the time limit
     save_grace: float = 2.0  # s a planned end waits for the browser to save (if one is there)
+    private_tmp: bool = False  # Jupyter in a private /tmp (privatetmp.py; on by site default)
+    private_tmp_base: str = ""  # "": in the runtime directory
+    private_tmp_mounts: list[str] = field(default_factory=lambda: ["/var/tmp", "/tmp"])  # noqa: S108
     version: int = VERSION
 
     def line(self) -> bytes:

@@ -11,13 +11,13 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import stat
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .privatetmp import cleanup
 from .protocol import EVENTS_FILE
 
 
@@ -70,7 +70,7 @@ def remove_stale(base: str) -> list[str]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its launcher is gone
             finally:
                 os.close(fd)
-            shutil.rmtree(path)
+            cleanup(path)  # (what a kernel made unreadable too)
             removed.append(str(path))
     return removed
 

@@ -258,6 +258,8 @@ class Session:
             self._set(warnings=[*self.warnings, str(event.get("text", ""))])
         elif event.kind == READY and self.phase is Phase.STARTING:
             self.times["jupyter_ready"] = time.time()
+            if (tmp := event.get("tmp") or {}).get("mode") in ("tmpdir", "none"):
+                self.announce(f"on {self.node}: {tmp.get('text')}")  # said once
             self._spawn(self.link.build(self.node, event.get("socket", "")))
 
     def _running(self, job_id: int | None) -> None:

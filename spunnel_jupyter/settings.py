@@ -32,6 +32,7 @@ class SessionSettings:
     logs_kept: int
     warn_before: tuple[int, ...] = (10, 1)  # minutes before the time limit
     save_grace: float = 2.0  # seconds a planned end waits for an open browser to save
+    private_tmp: tuple[bool, str, tuple[str, ...]] = (True, "", ("/var/tmp", "/tmp"))  # noqa: S108
 
     def launcher(self, token: str, req: SessionRequest) -> LauncherSettings:
         """What the launcher on the node is told (an empty ``token``: it makes its own)."""
@@ -40,5 +41,6 @@ class SessionSettings:
             jupyter_command=list(self.jupyter_command), jupyter_args=list(self.jupyter_args),
             start_timeout=self.start_timeout, stop_grace=self.jupyter_stop_grace,
             idle_timeout=req.idle_timeout, warn_before=[m * 60 for m in self.warn_before],
-            save_grace=self.save_grace,
+            save_grace=self.save_grace, private_tmp=self.private_tmp[0],
+            private_tmp_base=self.private_tmp[1], private_tmp_mounts=list(self.private_tmp[2]),
         )  # fmt: skip

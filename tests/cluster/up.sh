@@ -40,6 +40,7 @@ readonly LOGIN_ADDR=10.200.0.1 NODE_ADDR=10.200.0.2
 readonly SSHD_LOGIN_PORT=2222
 readonly MARK='# spunnel-test'
 readonly VENV_ROOT=/opt/spunnel VENV=/opt/spunnel/venv
+readonly PROJECT_GROUP=spunnel-proj
 readonly USERS=(alice bob)
 readonly NODE_CORES=${SPUNNEL_NODE_CORES:-16} # declared, not real: see SlurmdParameters=config_overrides
 readonly ADOPT=${SPUNNEL_ADOPT:-0}
@@ -373,6 +374,11 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 # 6. Users, each with its own key (tests/cluster/add-users.sh).
 quiet bash "$REPO/tests/cluster/add-users.sh" "${USERS[@]}"
+# A project group of the first user's only: inside the node's private /tmp (a user namespace) a
+# supplementary group must still count. (slurmctld caches a user's groups once it has looked
+# them up: a group added after a first job shows only after its restart.)
+getent group "$PROJECT_GROUP" >/dev/null || quiet groupadd "$PROJECT_GROUP"
+id -nG "${USERS[0]}" | grep -qw "$PROJECT_GROUP" || quiet usermod -aG "$PROJECT_GROUP" "${USERS[0]}"
 
 # ---------------------------------------------------------------------------------------------------------
 # 7. Two sshds, each with its own config and host key.

@@ -45,7 +45,13 @@ class FakeCluster:
         self.slurm_dir = self.root / "s"
         self.state_dir = self.root / "st"
         self.node_tmp = self.root / "n"
-        for d in (self.slurm_dir / "jobs", self.slurm_dir / "ctl", self.node_tmp):
+        self.node_scratch = self.root / "scratch"  # made private for the fake Jupyter
+        for d in (
+            self.slurm_dir / "jobs",
+            self.slurm_dir / "ctl",
+            self.node_tmp,
+            self.node_scratch,
+        ):
             d.mkdir(parents=True)
         self.calls_log = self.slurm_dir / "calls.log"
         self.calls_log.touch()
@@ -75,6 +81,9 @@ class FakeCluster:
             pending_poll_interval=0.1,
             refresh_interval=60.0,
         )
+        # The node here is this host: a private /tmp would hide the fakes' own state under /tmp
+        # from the fake Jupyter; the real wrapper runs anyway, over a scratch directory instead.
+        c.PrivateTmp.update(mounts=[str(self.node_scratch)])
         c.SlurmCLI.update(commands_dir=str(BIN), timeout=5.0)
         c.SshTunnel.update(
             ssh_command=[str(BIN / "ssh")],
