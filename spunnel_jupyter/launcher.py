@@ -43,6 +43,7 @@ from typing import Any
 
 from . import probes, process
 from .dialback import DialBack
+from .nodehold import hold_step
 from .notices import Notices
 from .protocol import (
     EVENTS_FILE,
@@ -152,6 +153,7 @@ class Launcher:
         self.stop_grace = float(settings.stop_grace)
         self.warn_before, self.save_grace = settings.warn_before, float(settings.save_grace)
         self.idle_timeout = int(settings.idle_timeout)
+        self.jupyter = settings.jupyter  # False (--no-jupyter): only hold the step (nodehold.py)
         self.idled = False  # Jupyter said it shut itself down for want of activity
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -202,6 +204,14 @@ class Launcher:
             detached=self.detached,
             ui=self.ui,
         )
+        if not self.jupyter:
+            dialer = DialBack(emit_event, self._give_up, sock, rundir / "ctl")
+            await hold_step(emit, self.commands, self.stopping, dialer)
+            if self.failure:
+                emit("exited", reason="tunnel-error", message=self.failure)
+            else:
+                emit("exited", reason="signal", signal=self.signal_name)
+            return 0
         if len(str(sock)) > _SOCKET_PATH_MAX:
             emit("exited", reason="error", message=f"socket path too long: {sock}")
             return 1

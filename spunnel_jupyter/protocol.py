@@ -92,6 +92,7 @@ class LauncherSettings:
     idle_timeout: int = 0  # minutes; Jupyter ends itself after that long without activity
     warn_before: list[int] = field(default_factory=lambda: [600, 60])  # s before the time limit
     save_grace: float = 2.0  # s a planned end waits for the browser to save (if one is there)
+    jupyter: bool = True  # False (--no-jupyter): no Jupyter, the step holds the allocation
     version: int = VERSION
 
     def line(self) -> bytes:

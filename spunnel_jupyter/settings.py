@@ -40,5 +40,5 @@ class SessionSettings:
             jupyter_command=list(self.jupyter_command), jupyter_args=list(self.jupyter_args),
             start_timeout=self.start_timeout, stop_grace=self.jupyter_stop_grace,
             idle_timeout=req.idle_timeout, warn_before=[m * 60 for m in self.warn_before],
-            save_grace=self.save_grace,
+            save_grace=self.save_grace, jupyter=req.jupyter,
         )  # fmt: skip
