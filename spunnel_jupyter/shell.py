@@ -6,8 +6,9 @@ session's own job, in a process group of its own made the terminal's foreground 
 Ctrl-C and Ctrl-Z go to the shell, never to the supervisor, which stops drawing its progress line
 meanwhile. When the shell exits, the supervisor takes the terminal back (its foreground group and
 its modes) and the session ends by the usual rules. When the session ends first (`stop`, scancel,
-the time limit, SIGHUP), the shell's srun is hung up at once, as a closed terminal would, beside
-the teardown, and killed if it is still there ``NodeShell.stop_grace`` seconds later.
+the time limit, SIGHUP), the shell's srun gets SIGHUP at once, beside the teardown (srun then
+kills its step: no waiting for Slurm's KillWait, which an interactive shell ignoring SIGTERM would
+cost), and SIGKILL if it is still there ``NodeShell.stop_grace`` seconds later.
 
 Only the command line runs a shell: with a terminal on stdin, in the foreground, not detached
 (``check_terminal``); the REST API refuses it (``fields.refuse_terminal_only``).
@@ -144,15 +145,15 @@ class TerminalShell:
             session.request_stop(f"the shell on {session.node} exited{how}", ends_job=True)
 
     def _hang_up(self, again: bool = False) -> None:
-        """SIGHUP to the shell's srun (forwarded to the shell on the node), as a terminal
-        closing would: the shell ends now, not after Slurm's KillWait (an interactive shell
-        ignores SIGTERM)."""
+        """SIGHUP to the shell's srun, as a terminal closing would: srun kills its step ("forcing
+        job termination"), so the shell ends now, not after Slurm's KillWait (an interactive
+        shell ignores the SIGTERM Slurm sends first)."""
         if self._hung_up and not again:
             return
         self._hung_up = True
         if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGHUP)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGHUP)
 
     async def end(self) -> None:
         """Once the session ended: the shell's srun is gone within ``stop_grace`` (killed

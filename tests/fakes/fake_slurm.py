@@ -15,7 +15,8 @@ Switches (files in $FAKE_SLURM_DIR/ctl, see cluster.py):
   srun_queue_delay  seconds between srun queueing its job and saying so (and naming it)
 
 ``srun --jobid=N [--overlap] [--pty] ... CMD`` runs CMD as another step of running job N
-(``Step``), ended by Slurm when the job ends (SIGTERM, SIGKILL after kill_wait). With --pty the
+(``Step``), ended by Slurm when the job ends (SIGTERM, SIGKILL after kill_wait), and killed at
+once on SIGHUP or SIGTERM to srun ("forcing job termination", as the real one). With --pty the
 step is this terminal's: CMD shares srun's stdio and process group (a real srun relays a pty on
 the node in raw mode; here the node's terminal is this one), so the terminal's Ctrl-C reaches
 both, and srun itself ignores Ctrl-Z as the real one, in raw mode, never sees it.
@@ -267,6 +268,9 @@ class Step:
     def on_signal(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         forward = not (self.pty and signum == signal.SIGINT)  # the terminal's reached the task
+        if signum in (signal.SIGHUP, signal.SIGTERM):
+            eprint("srun: forcing job termination")
+            signum = signal.SIGKILL
         if forward and self.task is not None and self.task.poll() is None:
             os.kill(self.task.pid, signum)
         log_event("srun", "step-signal", sig=name, job=self.job_id, forwarded=forward)
