@@ -150,6 +150,13 @@ class SlurmBackend(Protocol):
         """Run ``command`` as an extra step named ``name`` beside the running job's own
         (``srun --jobid --overlap``); ending it leaves the job alone."""
 
+    def pty_step_argv(
+        self, job_id: int, name: str, options: list[str], command: list[str]
+    ) -> list[str]:
+        """The argv that runs ``command`` on a pseudo-terminal as an extra step named ``name``
+        of the running job (``srun --jobid --overlap --pty``, then ``options``), wired to this
+        terminal: the caller runs it in the terminal's foreground (shell.py)."""
+
     async def signal_batch(self, job_id: int, signal_name: str) -> None:
         """Send ``signal_name`` (e.g. "USR1") to the job's batch script only."""
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .background import SUPERVISOR_FLAG
 from .console import (
+    AFTER_SHELL,
     AFTER_URL,
     PROG,
     Console,
@@ -33,6 +34,7 @@ from .console import (
     started_after_waiting,
     time_left,
     time_limit_warning,
+    tunnels_block,
     url_block,
 )
 from .errors import ExitCode, SpunnelError, UsageError
@@ -40,6 +42,7 @@ from .errors import ExitCode, SpunnelError, UsageError
 if TYPE_CHECKING:
     from .manager import SpunnelManager
     from .session import Session
+    from .shell import TerminalShell
 
 EPILOG = """\
 commands:
@@ -60,6 +63,8 @@ examples:
   spunnel-notebook -p interact --mem 4000 -t 2:00:00
   spunnel-notebook --tunnel 8001:8000,8889:8888 -- --exclusive
   spunnel-notebook --detach -t 8:00:00; spunnel-notebook attach   (later, from any login host)
+  spunnel-notebook --shell --no-jupyter --tunnel 8001:8000,8889:8888 -p interact --mem 4000
+                    (the spunnel plugin's `srun --pty ... --tunnel 8001:8000,8889:8888 bash`)
 """
 
 
@@ -116,6 +121,7 @@ async def run_session(
     from .machine import Phase
 
     req = manager.request(options_from_args(args), args.srun_extra)
+    shell = _terminal_shell(manager, console) if req.shell else None
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     holder: dict[str, Session] = {}
@@ -155,9 +161,12 @@ async def run_session(
         if session.phase is Phase.READY and not shown_ready:
             shown_ready = True
             block = url_block(manager, session.node, session.job_id, session.url, session.port)
-            console.say(f"{block} {AFTER_URL[kind]}", sys.stdout)
+            block = block if session.url else tunnels_block(manager, session)
+            console.say(f"{block} {AFTER_SHELL if shell else AFTER_URL[kind]}", sys.stdout)
             if kind == "detached":
                 let_go_of_terminal()
+        if shell is not None:  # started once the URL is out; hung up once the session ends
+            shell.follow(session)
         # Nothing to show before Slurm named the job (a refusal then is one line of error).
         if session.job_id is not None and session.phase in (
             Phase.PENDING, Phase.STARTING, Phase.READY,
@@ -175,6 +184,8 @@ async def run_session(
     outcome = await session.wait()
     if ticker:
         ticker.cancel()
+    if shell is not None:
+        await shell.end()  # the terminal is ours again before the end lines
     if outcome.error is not None:
         console.error(outcome.error)
         if session.job_id is None:
@@ -199,6 +210,12 @@ async def run_session(
     for note in session.notes[told:]:
         console.say(f"{PROG}: {note}")
     return outcome.exit_code
+
+
+def _terminal_shell(manager: SpunnelManager, console: Console) -> TerminalShell:
+    from .shell import NodeShell, TerminalShell
+
+    return TerminalShell(NodeShell(parent=manager), manager.slurm, console)
 
 
 async def _tick(session: Session, console: Console, warn_before: list[int]) -> None:
@@ -355,7 +372,11 @@ def _main(argv: list[str]) -> int:
             return attach(manager, args, console)
         if getattr(args, "as_detached_supervisor", False):
             return asyncio.run(run_session(manager, args, console, "detached"))
-        if args.detach or (args.detach is None and manager.detach):
+        if args.shell:  # a terminal's own: in its foreground, never detached (nothing submitted)
+            from .shell import check_terminal
+
+            check_terminal(args.detach)
+        if args.detach or (args.detach is None and manager.detach and not args.shell):
             from .background import run_detached
 
             return run_detached([a for a in argv if a != "--detach"])

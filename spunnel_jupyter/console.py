@@ -30,6 +30,7 @@ class Console:
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
+        self.paused = False  # the terminal is --shell's: no progress line, lines end in \r\n
         self._last = ""
         self._partial = False
 
@@ -39,7 +40,7 @@ class Console:
             stream.flush()
 
     def progress(self, text: str) -> None:
-        if text == self._last:
+        if text == self._last or self.paused:
             return
         self._last = text
         if self.tty:
@@ -53,6 +54,8 @@ class Console:
             self._write(sys.stderr, "\r\x1b[K")
             self._partial = False
             self._last = ""
+        if self.paused:  # the shell's srun may have put the terminal in raw mode
+            text = text.replace("\n", "\r\n") + "\r"
         self._write(stream or sys.stderr, text + "\n")
 
     def error(self, err: SpunnelError) -> None:
@@ -77,7 +80,8 @@ def describe(session: Session) -> str:
             expected = f", expected to start at {at}"
         return f"{job} {session.job_state.value}{reason}, waiting {waited}{expected}"
     if session.phase is Phase.STARTING:
-        return f"{job} RUNNING on {session.node or '?'}, starting Jupyter"
+        what = "starting Jupyter" if session.req.jupyter else "building the tunnels"
+        return f"{job} RUNNING on {session.node or '?'}, {what}"
     if session.phase is Phase.READY:
         left = time_left(session.end_time)
         remaining = f", {format_duration(left)} left" if left is not None else ""
@@ -102,6 +106,24 @@ def url_block(manager: SpunnelManager, node: str, job_id: object, url: str, port
         f"  there, then open the same URL."
     )
 
+
+def tunnels_block(manager: SpunnelManager, session: Session) -> str:
+    """What --no-jupyter prints instead of the URL: which login port goes to which node port."""
+    node, pairs = session.node, session.req.tunnels
+    lines = [f"    127.0.0.1:{p.local} -> port {p.remote} on {node}" for p in pairs]
+    forwards = " ".join(f"-L {p.local}:127.0.0.1:{p.local}" for p in pairs)
+    user = os.environ.get("USER", "")
+    laptop = (
+        [f"  From a laptop: run  ssh -N {forwards} {user}@{manager.login_host}"] if pairs else []
+    )
+    return "\n".join([
+        f"{PROG}: the tunnels to {node} are up (job {session.job_id}; no Jupyter)", "",
+        *(lines or [f"    no --tunnel pairs (`{PROG} forward SP:EP` adds one)"]), "", *laptop,
+        " ",  # what follows (AFTER_SHELL) on a line of its own, indented like the rest
+    ])  # fmt: skip
+
+
+AFTER_SHELL = "A shell on the node follows; exiting it ends the session."
 
 AFTER_URL = {
     "foreground": f"Stop with Ctrl-C or `{PROG} stop`.",

@@ -40,7 +40,7 @@ def _minutes(value: int) -> None:
 @dataclass(frozen=True)
 class Field:
     name: str  # the REST/JSON name, the SpunnelManager trait (if a site default) and argparse dest
-    kind: type  # str or int
+    kind: type  # str, int or bool (a flag: given or not)
     title: str  # the form's label
     help: str
     flags: tuple[str, ...] = ()  # command-line flags; () for none
@@ -53,6 +53,7 @@ class Field:
     example: str = ""  # an example value (the form's placeholder)
     form: bool = True  # shown in the JupyterLab form
     cli_consts: Mapping[str, Any] = field(default_factory=dict)  # e.g. --lab -> "lab"
+    terminal_only: bool = False  # needs the command line's terminal: refused by the REST API
 
 
 FIELDS: tuple[Field, ...] = (
@@ -92,6 +93,14 @@ FIELDS: tuple[Field, ...] = (
           "forward: ssh from here to the node; reverse: the node dials back here (no sshd "
           "needed on nodes); auto (default): forward, else reverse", ("--tunnel-mode",),
           choices=TUNNEL_MODES, form=False),
+    Field("shell", bool, "Shell on the node",
+          "this terminal becomes a shell on the node, beside Jupyter, once the session is "
+          "ready; exiting it ends the session (like `srun --pty ... bash`)", ("--shell",),
+          default=False, form=False, terminal_only=True),
+    Field("no_jupyter", bool, "No Jupyter",
+          "with --shell: no Jupyter on the node, only the shell and the --tunnel pairs (what "
+          "the spunnel plugin did)", ("--no-jupyter",), default=False, form=False,
+          terminal_only=True),
 )  # fmt: skip
 BY_NAME = {f.name: f for f in FIELDS}
 SLURM_FIELDS = tuple(f for f in FIELDS if f.srun)
@@ -109,6 +118,13 @@ class SessionRequest:
     tunnel_mode: str = ""  # auto, forward or reverse; empty: SshTunnel.mode
     idle_timeout: int = 0  # minutes without activity after which the session ends (0: never)
     from_site: frozenset[str] = frozenset()  # fields whose value is the site's default
+    shell: bool = False  # the terminal becomes a shell on the node (cli.py runs it: shell.py)
+    no_jupyter: bool = False  # with shell: no Jupyter on the node, only the --tunnel pairs
+
+    @property
+    def jupyter(self) -> bool:
+        """Jupyter runs on the node (and so there is a URL, its port and its forward)."""
+        return not self.no_jupyter
 
     def srun_options(self) -> list[str]:
         opts = [f"{f.srun}={self.slurm[f.name]}" for f in SLURM_FIELDS if self.slurm.get(f.name)]
@@ -117,7 +133,8 @@ class SessionRequest:
 
 def check_value(f: Field, value: Any) -> Any:
     """``value`` checked against ``f`` (type, choices, its own check); raises UsageError."""
-    if isinstance(value, bool) or not isinstance(value, f.kind):  # JSON true is no int here
+    if isinstance(value, bool) is not (f.kind is bool) or not isinstance(value, f.kind):
+        # JSON true is no int here, nor 1 a bool
         raise UsageError(f"{f.name} must be a {f.kind.__name__}", "fix the request")
     if f.choices and value not in f.choices:
         raise UsageError(f"unknown {f.name} {value!r}", f"use {' or '.join(f.choices)}")
@@ -163,7 +180,11 @@ def build_request(
         tunnel_mode=values["tunnel_mode"] or "",
         idle_timeout=values["idle_timeout"] or 0,
         from_site=frozenset(from_site),
+        shell=values["shell"],
+        no_jupyter=values["no_jupyter"],
     )
+    if req.no_jupyter:
+        _check_without_jupyter(req, options)
     for pair in req.tunnels:
         if pair.local == req.port:
             raise UsageError(
@@ -171,6 +192,35 @@ def build_request(
                 "use different login-side ports",
             )
     return req
+
+
+def _check_without_jupyter(req: SessionRequest, options: Mapping[str, Any]) -> None:
+    """--no-jupyter: only with --shell, and none of the options that are about Jupyter."""
+    if not req.shell:
+        raise UsageError(
+            "--no-jupyter needs --shell (with no Jupyter, the shell is what the session is for)",
+            "add --shell, or leave --no-jupyter out",
+        )
+    given = [f for f in FIELDS if f.name in ("port", "ui", "idle_timeout")
+             and options.get(f.name) not in (None, "")]  # fmt: skip
+    if given:
+        flags = ", ".join(_flag(f) if f.name != "ui" else "--lab/--notebook" for f in given)
+        raise UsageError(
+            f"{flags}: for Jupyter, and --no-jupyter starts none",
+            "leave them out, or leave --no-jupyter out",
+        )
+
+
+def refuse_terminal_only(options: Mapping[str, Any], where: str) -> None:
+    """Fields that need the command line's terminal (--shell) are refused ``where`` (the
+    REST API, the JupyterLab panel) before anything else is looked at."""
+    given = [f for f in FIELDS if f.terminal_only and options.get(f.name) not in (None, "", False)]
+    if given:
+        raise UsageError(
+            f"{', '.join(f.name for f in given)}: only in a terminal, not from {where}",
+            f"run `spunnel-notebook {' '.join(_flag(f) for f in given)}` in a terminal on the "
+            "login host",
+        )
 
 
 def _site_default(f: Field, value: Any, site: Callable[[str], str]) -> Any:
@@ -192,7 +242,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     other = parser.add_argument_group("Jupyter and tunnels")
     for f in FIELDS:
         group = slurm if f.srun else other
-        if f.flags:
+        if f.flags and f.kind is bool:
+            group.add_argument(*f.flags, dest=f.name, action="store_true", default=None,
+                               help=f.help)  # fmt: skip
+        elif f.flags:
             group.add_argument(
                 *f.flags, dest=f.name, default=None,
                 help=f.help, metavar=f.metavar or _choices(f),
@@ -237,7 +290,7 @@ def json_schema(defaults: Mapping[str, Any], partitions: list[str]) -> dict[str,
         if not f.form:
             continue
         prop: dict[str, Any] = {
-            "type": "integer" if f.kind is int else "string",
+            "type": {int: "integer", bool: "boolean"}.get(f.kind, "string"),
             "title": f.title,
             "description": f.help,
         }

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .errors import NoSession, UsageError
+from .fields import refuse_terminal_only
 from .manager import SpunnelManager
 from .protocol import public_view
 from .session import Session
@@ -55,6 +56,7 @@ class SessionHub:
         attach = body.pop("attach", None)
         if attach is not None and (isinstance(attach, bool) or not isinstance(attach, int)):
             raise UsageError("attach must be a job id (a number)", "see spunnel/api/detached")
+        refuse_terminal_only(body, "the REST API or the JupyterLab panel")
         req = self.manager.request(body)
         kind = "foreground" if attach is None else "attached"
         session = await self.manager.start(

@@ -42,6 +42,7 @@ from typing import Any
 
 from . import privatetmp, probes, process
 from .dialback import DialBack
+from .nodehold import hold_step
 from .notices import Notices
 from .protocol import (
     EVENTS_FILE,
@@ -154,6 +155,7 @@ class Launcher:
         self.idle_timeout = int(settings.idle_timeout)
         self.private_tmp = bool(settings.private_tmp)
         self.tmp_base, self.tmp_mounts = settings.private_tmp_base, settings.private_tmp_mounts
+        self.jupyter = settings.jupyter  # False (--no-jupyter): only hold the step (nodehold.py)
         self.idled = False  # Jupyter said it shut itself down for want of activity
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -206,6 +208,14 @@ class Launcher:
             detached=self.detached,
             ui=self.ui,
         )
+        if not self.jupyter:
+            dialer = DialBack(emit_event, self._give_up, sock, rundir / "ctl")
+            await hold_step(emit, self.commands, self.stopping, dialer)
+            if self.failure:
+                emit("exited", reason="tunnel-error", message=self.failure)
+            else:
+                emit("exited", reason="signal", signal=self.signal_name)
+            return 0
         if len(str(sock)) > _SOCKET_PATH_MAX:
             emit("exited", reason="error", message=f"socket path too long: {sock}")
             return 1
@@ -241,9 +251,10 @@ class Launcher:
             *self.args,
         ]
         if self.private_tmp:  # Jupyter, its kernels and terminals: in a private /tmp
-            base = self.tmp_base or str(rundir / "tmp")
-            argv = privatetmp.wrap(argv, base, self.job_id, self.restart, self.tmp_mounts,
-                                   keep=[str(rundir)], note=str(rundir / TMP_NOTE))  # fmt: skip
+            base = self.tmp_base or privatetmp.default_base(str(rundir))
+            argv = privatetmp.wrap(
+                argv, base, self.tmp_mounts, [str(rundir)], str(rundir / TMP_NOTE)
+            )
         jupyter = await asyncio.create_subprocess_exec(
             *argv,
             env=env,

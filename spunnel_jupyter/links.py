@@ -116,6 +116,23 @@ class Link:
     def pids(self) -> dict[str, Any]:
         return {}
 
+    async def check_ready(self) -> None:
+        """The session is ready when Jupyter answers through the tunnel; without Jupyter
+        (--no-jupyter), when every pair's forward is up (ssh or sshd serves its socket: what
+        answers behind it, on the node, is the user's to start)."""
+        if self.ctx.ports.port:
+            await self.check_url()
+            return
+
+        async def served() -> bool:
+            return not self.ctx.ports.unserved()
+
+        if not await probes.wait_until(served, timeout=self.ctx.settings.tunnel.connect_timeout):
+            ports = ", ".join(map(str, self.ctx.ports.unserved()))
+            raise TunnelError(
+                f"the forwards of port(s) {ports} are not up", f"see {self.ctx.log.name}"
+            )
+
     async def check_url(self) -> None:
         """Jupyter must answer through the tunnel, with the token, before anyone sees the URL."""
 
@@ -157,7 +174,7 @@ class ForwardLink(Link):
             self.node_started(node, socket)
         assert self._master is not None
         await self._master
-        await self.check_url()
+        await self.check_ready()
         self._spawn(self._watch())
 
     def _spawn(self, coro: Any) -> asyncio.Future[Any]:
@@ -195,7 +212,7 @@ class ForwardLink(Link):
                 await self.tunnel.close(grace=0.5)  # the dead master's socket and forwards
             try:
                 await self._open_master()
-                await self.check_url()
+                await self.check_ready()
                 return
             except TunnelError as e:
                 if time.monotonic() + backoff.delay > deadline:
@@ -270,7 +287,7 @@ class ReverseLink(Link):
                 f"the node could not dial back to {ssh.reverse_host}: {self._said or 'no answer'}",
                 "check that the nodes can `ssh` to this host (c.SshTunnel.reverse_host)",
             )
-        await self.check_url()
+        await self.check_ready()
 
     def heard(self, event: NodeEvent) -> None:
         if event.kind == EXITED:

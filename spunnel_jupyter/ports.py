@@ -5,7 +5,8 @@ Every port a user can reach on the login host (the URL's, each ``--tunnel`` pair
 directory. Whatever carries the bytes to the node serves those sockets: ssh's ``-L`` in forward
 mode, the login sshd's ``-R`` in reverse mode. So the ports stay bound, and ours, across ssh
 reconnects and the auto mode's fallback, and no other user of the host can reach Jupyter or a
-forwarded server on the node.
+forwarded server on the node. A session without Jupyter (``--no-jupyter``) has no URL: its
+``port`` is 0, and only the pairs are bound and forwarded.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Ports:
         self, state: StateDir, port: int, log: IO[bytes], post: Callable[[Event], object]
     ) -> None:
         self.state = state
-        self.port = port
+        self.port = port  # the URL's; 0: no Jupyter, no URL
         self.log = log
         self.post = post  # called on a relay's thread: must be thread-safe
         self.relays: dict[int, Relay] = {}
@@ -44,14 +45,16 @@ class Ports:
     def forwards(self, node_socket: str, pairs: list[PortPair]) -> list[str]:
         """The ssh forward specs, the same for ``-L`` (forward) and ``-R`` (reverse): each of our
         sockets -> Jupyter's socket on the node, or a port on the node's own loopback."""
-        return [f"{self.jupyter_socket()}:{node_socket}", *(self.pair_forward(p) for p in pairs)]
+        jupyter = [f"{self.jupyter_socket()}:{node_socket}"] if self.port else []
+        return [*jupyter, *(self.pair_forward(p) for p in pairs)]
 
     def pair_forward(self, pair: PortPair) -> str:
         return f"{self.pair_socket(pair)}:localhost:{pair.remote}"
 
     def bind(self, pairs: list[PortPair]) -> None:
         """The URL's port and every pair's, before anything is submitted (UsageError)."""
-        self._bind(self.port, self.jupyter_socket(), "--port")
+        if self.port:
+            self._bind(self.port, self.jupyter_socket(), "--port")
         for pair in pairs:
             self.add(pair, "--tunnel")
 
@@ -106,6 +109,14 @@ class Ports:
                         os.unlink(relay.target)
                 except OSError:
                     pass
+
+    def unserved(self) -> list[int]:
+        """The pairs' login ports whose socket nobody serves yet (ssh's -L or sshd's -R binds
+        it once the forward is up)."""
+        return [
+            port for port, relay in self.relays.items()
+            if port != self.port and not os.path.exists(relay.target)
+        ]  # fmt: skip
 
     def refused(self) -> int:
         return sum(relay.refused for relay in self.relays.values())

@@ -2,7 +2,8 @@
 
 Every long-lived child (srun, ssh) is started in its own session so that Ctrl-C and SIGHUP from the
 terminal reach only the supervisor, which then tears things down in the right order; and with
-PR_SET_PDEATHSIG so that a supervisor killed with SIGKILL takes its children with it.
+PR_SET_PDEATHSIG so that a supervisor killed with SIGKILL takes its children with it. The one
+exception, ``--shell``'s srun, is given the terminal on purpose (``spawn_foreground``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+import termios
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -47,6 +49,45 @@ async def spawn(
         start_new_session=True,
         preexec_fn=lambda: _die_with_parent(parent, death_signal),
     )
+
+
+async def spawn_foreground(
+    argv: Sequence[str], *, tty: int, env: dict[str, str] | None = None,
+    death_signal: int = signal.SIGHUP,
+) -> asyncio.subprocess.Process:  # fmt: skip
+    """Start a child on our terminal ``tty`` (stdin, stdout and stderr inherited) in a process
+    group of its own made the terminal's foreground group: the keys and the terminal's signals
+    (Ctrl-C, Ctrl-Z) go to it, not to us. Call with SIGTTOU blocked (``terminal_held``); the
+    child unblocks it. ``take_terminal`` gives the terminal back once it exited."""
+    parent = os.getpid()
+
+    def in_child() -> None:  # between fork and exec, so that it never runs in the background
+        os.setpgid(0, 0)
+        os.tcsetpgrp(tty, os.getpgrp())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTTOU})
+        _die_with_parent(parent, death_signal)
+
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=None, stdout=None, stderr=None, env=env, preexec_fn=in_child
+    )
+
+
+@contextlib.contextmanager
+def terminal_held(tty: int) -> Iterator[None]:
+    """While a child holds the terminal ``tty``: SIGTTOU blocked (a background group may then
+    still write to it, and take it back), the terminal's modes restored afterwards (a killed
+    child may leave it raw), and our process group made its foreground group again. A terminal
+    that is gone (hung up) is left alone."""
+    modes = termios.tcgetattr(tty)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(tty, os.getpgrp())
+        with contextlib.suppress(OSError, termios.error):
+            termios.tcsetattr(tty, termios.TCSADRAIN, modes)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTTOU})
 
 
 @dataclass

@@ -96,6 +96,7 @@ class LauncherSettings:
     private_tmp: bool = False  # Jupyter in a private /tmp (privatetmp.py; on by site default)
     private_tmp_base: str = ""  # "": in the runtime directory
     private_tmp_mounts: list[str] = field(default_factory=lambda: ["/var/tmp", "/tmp"])  # noqa: S108
+    jupyter: bool = True  # False (--no-jupyter): no Jupyter, the step holds the allocation
     version: int = VERSION
 
     def line(self) -> bytes:

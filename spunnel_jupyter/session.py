@@ -86,7 +86,7 @@ class Session:
         self.owner = owner
         self.id = secrets.token_hex(6)
         self.token = secrets.token_hex(24)
-        self.port = req.port or probes.free_port()
+        self.port = (req.port or probes.free_port()) if req.jupyter else 0  # 0: no URL
         self.phase = Phase.PENDING
         self.tunnel_state = TunnelState.DOWN
         self.tunnel_mode = ""  # the link's mode once the URL answers
@@ -282,7 +282,8 @@ class Session:
 
     def _ready(self) -> None:
         self.tunnel_mode = self.link.mode
-        self.url = f"http://127.0.0.1:{self.port}{ui_path(self.req.ui)}?token={self.token}"
+        if self.req.jupyter:  # else READY means the tunnel pairs are up (links.check_ready)
+            self.url = f"http://127.0.0.1:{self.port}{ui_path(self.req.ui)}?token={self.token}"
         self.times["ready"] = time.time()
         self._set(tunnel_state=TunnelState.UP, phase=Phase.READY)
         self._spawn(self._after_ready())

@@ -41,6 +41,6 @@ class SessionSettings:
             jupyter_command=list(self.jupyter_command), jupyter_args=list(self.jupyter_args),
             start_timeout=self.start_timeout, stop_grace=self.jupyter_stop_grace,
             idle_timeout=req.idle_timeout, warn_before=[m * 60 for m in self.warn_before],
-            save_grace=self.save_grace, private_tmp=self.private_tmp[0],
+            save_grace=self.save_grace, private_tmp=self.private_tmp[0], jupyter=req.jupyter,
             private_tmp_base=self.private_tmp[1], private_tmp_mounts=list(self.private_tmp[2]),
         )  # fmt: skip

@@ -244,6 +244,14 @@ class SlurmCLI(LoggingConfigurable):
         except FileNotFoundError as e:
             raise SlurmUnavailable(f"cannot run srun: {e}", "load Slurm into your PATH") from e
 
+    def pty_step_argv(
+        self, job_id: int, name: str, options: list[str], command: list[str]
+    ) -> list[str]:
+        # No --mem of its own (like the steps the e2e tests run beside a session's launcher);
+        # a site whose Slurm wants one adds it to ``options`` (c.NodeShell.srun_args).
+        return [self.command("srun"), f"--jobid={job_id}", "--overlap", "--pty", "--nodes=1",
+                "--ntasks=1", f"--job-name={name}", *options, *command]  # fmt: skip
+
     async def signal_batch(self, job_id: int, signal_name: str) -> None:
         result = await self._query("scancel", "--batch", f"--signal={signal_name}", str(job_id))
         if result.returncode != 0 and not re.search(

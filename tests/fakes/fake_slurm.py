@@ -13,10 +13,18 @@ Switches (files in $FAKE_SLURM_DIR/ctl, see cluster.py):
   slurm_delay       seconds scontrol, squeue, sinfo and scancel take before they answer (a
                     slow controller, or a hung one: more than SlurmCLI.timeout)
   srun_queue_delay  seconds between srun queueing its job and saying so (and naming it)
+
+``srun --jobid=N [--overlap] [--pty] ... CMD`` runs CMD as another step of running job N
+(``Step``), ended by Slurm when the job ends (SIGTERM, SIGKILL after kill_wait), and killed at
+once on SIGHUP or SIGTERM to srun ("forcing job termination", as the real one). With --pty the
+step is this terminal's: CMD shares srun's stdio and process group (a real srun relays a pty on
+the node in raw mode; here the node's terminal is this one), so the terminal's Ctrl-C reaches
+both, and srun itself ignores Ctrl-Z as the real one, in raw mode, never sees it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import re
@@ -249,6 +257,64 @@ class Srun:
         return time.time() + float(flag("kill_wait") or 2)
 
 
+class Step:
+    """srun --jobid=N: one more step of a running job, beside its first."""
+
+    def __init__(self, job_id: int, opts: dict[str, str], command: list[str]) -> None:
+        self.job_id, self.opts, self.command = job_id, opts, command
+        self.pty = "pty" in opts
+        self.task: subprocess.Popen[bytes] | None = None
+
+    def on_signal(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        forward = not (self.pty and signum == signal.SIGINT)  # the terminal's reached the task
+        if signum in (signal.SIGHUP, signal.SIGTERM):
+            eprint("srun: forcing job termination")
+            signum = signal.SIGKILL
+        if forward and self.task is not None and self.task.poll() is None:
+            os.kill(self.task.pid, signum)
+        log_event("srun", "step-signal", sig=name, job=self.job_id, forwarded=forward)
+
+    def run(self) -> int:
+        n = self.job_id
+        job = read_job(n)
+        if job is None or job.get("purged"):
+            eprint(f"srun: error: Unable to create step for job {n}: Invalid job id specified")
+            return 1
+        if job["state"] != "RUNNING":
+            eprint(f"srun: error: Unable to create step for job {n}: "
+                   "Job/step already completing or completed")  # fmt: skip
+            return 1
+        for sig in _SIGNALS:
+            signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGTSTP, signal.SIG_IGN)
+        env = dict(
+            os.environ, SLURM_JOB_ID=str(n), SLURM_JOBID=str(n), SLURM_STEP_ID="1",
+            SLURM_PROCID="0", SLURMD_NODENAME=job["node"], SLURM_NODELIST=job["node"],
+        )  # fmt: skip
+        self.task = subprocess.Popen(self.command, env=env, start_new_session=not self.pty)
+        log_event("srun", "step", job=n, task_pid=self.task.pid, pty=self.pty,
+                  overlap="overlap" in self.opts, name=self.opts.get("job-name", ""))  # fmt: skip
+        kill_at: float | None = None
+        while self.task.poll() is None:
+            state = (read_job(n) or {}).get("state")
+            if kill_at is None and state != "RUNNING":  # the job ended: Slurm ends its steps
+                eprint(f"srun: Job step aborted: Waiting up to {flag('kill_wait') or 2} "
+                       "seconds for job step to finish.")  # fmt: skip
+                log_event("srun", "end_step", job=n, step=1)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.task.pid, signal.SIGTERM)
+                kill_at = time.time() + float(flag("kill_wait") or 2)
+            elif kill_at is not None and time.time() >= kill_at:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.task.pid, signal.SIGKILL)
+                kill_at = float("inf")
+            time.sleep(0.02)
+        code = self.task.returncode
+        log_event("srun", "step-exit", job=n, code=code)
+        return code if code >= 0 else 128 - code
+
+
 def _relay(src: int, dst: int, close: bool = False) -> threading.Thread:
     """Copy ``src`` to ``dst`` until EOF, on a thread (srun's I/O forwarding)."""
 
@@ -282,6 +348,8 @@ def srun(argv: list[str]) -> int:
                + (refusal or "Invalid partition name specified"))  # fmt: skip
         return 1
     opts, command = parse_srun(argv)
+    if opts.get("jobid"):
+        return Step(int(opts["jobid"]), opts, command).run()
     return Srun(opts, command).run()
 
 

@@ -114,6 +114,9 @@ async def test_config_is_503_when_slurm_does_not_answer(jp_fetch, fake):
         ({"tunnels": "8001"}, "malformed --tunnel pair '8001'"),
         ({"partition": "nope"}, "unknown partition 'nope'"),
         ("[1, 2]", "the body must be a JSON object"),
+        ({"shell": True}, "shell: only in a terminal, not from the REST API"),
+        ({"shell": True, "no_jupyter": True}, "shell, no_jupyter: only in a terminal"),
+        ({"no_jupyter": True, "mem": "100"}, "no_jupyter: only in a terminal"),
     ],
 )
 async def test_a_bad_post_is_400_with_message_and_remedy(jp_fetch, fake, body, message):
