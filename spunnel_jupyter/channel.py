@@ -21,7 +21,7 @@ from . import probes, process
 from .backend import JobState
 from .errors import JupyterError, SlurmLost, SpunnelError, TunnelError
 from .machine import Allocated, Event, FromNode, JobPolled, Outcome, Queued, SrunExited
-from .protocol import EXITED, TOKEN, LauncherSettings, NodeEvent
+from .protocol import EXITED, STARTED, TOKEN, LauncherSettings, NodeEvent
 from .settings import SessionSettings
 
 # Why a job ended, as the user is told.
@@ -80,6 +80,7 @@ class NodeChannel:
         self.srun: asyncio.subprocess.Process | None = None
         self.slurm_said: list[str] = []  # Slurm's own lines, for error messages
         self.node_exit: NodeEvent | None = None  # the launcher's last word, if it said one
+        self.runtime_dir = ""  # the launcher's on the node (it said so when it started)
         self.lost = False  # srun ended while its job still ran: only scancel can end the job
         self._to_node: int | None = None
         self._tasks: list[asyncio.Future[Any]] = []
@@ -136,6 +137,8 @@ class NodeChannel:
             if event is not None:
                 if event.kind == EXITED:
                     self.node_exit = event
+                elif event.kind == STARTED:
+                    self.runtime_dir = str(event.get("runtime_dir", ""))
                 self.post(FromNode(event))
 
     async def _read_stderr(self, stream: asyncio.StreamReader | None) -> None:

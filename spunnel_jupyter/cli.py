@@ -215,7 +215,7 @@ async def run_session(
 def _terminal_shell(manager: SpunnelManager, console: Console) -> TerminalShell:
     from .shell import NodeShell, TerminalShell
 
-    return TerminalShell(NodeShell(parent=manager), manager.slurm, console)
+    return TerminalShell(NodeShell(parent=manager), manager.session_settings(), console)
 
 
 async def _tick(session: Session, console: Console, warn_before: list[int]) -> None:

@@ -232,12 +232,19 @@ def probe() -> str:
         cleanup(scratch)
 
 
-def wrap(command: list[str], base: str, job_id: str, restart: str, mounts: list[str],
-         keep: list[str], note: str) -> list[str]:  # fmt: skip
-    """``command`` run through this module's wrapper (``main``), in the private /tmp; what was
-    done is written to ``note`` (JSON: mode and text)."""
-    argv = [sys.executable, "-m", "spunnel_jupyter.privatetmp", "--base", base, "--job", job_id,
-            "--restart", restart, "--note", note, *[a for m in mounts for a in ("--mount", m)],
+def default_base(runtime_dir: str) -> str:
+    """Where a session's private directories go unless the site says (c.PrivateTmp.base):
+    inside its runtime directory, 0700 and the user's, removed with it."""
+    return os.path.join(runtime_dir, "tmp")
+
+
+def wrap(command: list[str], base: str, mounts: list[str], keep: list[str], note: str,
+         python: str = sys.executable) -> list[str]:  # fmt: skip
+    """``command`` run through this module's wrapper (``main``) in the job's private /tmp
+    (``base.$SLURM_JOB_ID.$SLURM_RESTART_COUNT``); what was done goes to ``note`` (JSON: mode
+    and text). Jupyter's launcher and the --shell step both use it: they share one."""
+    argv = [python, "-m", "spunnel_jupyter.privatetmp", "--base", base, "--note", note,
+            *[a for m in mounts for a in ("--mount", m)],
             *[a for k in keep for a in ("--keep", k)]]  # fmt: skip
     return [*argv, "--", *command]
 
@@ -305,8 +312,9 @@ def main(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m spunnel_jupyter.privatetmp")
-    for opt in ("--base", "--job", "--restart"):
-        parser.add_argument(opt, required=True)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--job", default=os.environ.get("SLURM_JOB_ID", "nojob"))
+    parser.add_argument("--restart", default=os.environ.get("SLURM_RESTART_COUNT", "0"))
     parser.add_argument("--mount", action="append", help="default: /var/tmp then /tmp")
     parser.add_argument("--keep", action="append", default=[])
     parser.add_argument("--note", help="a file to write what was done to (one line)")

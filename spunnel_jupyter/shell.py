@@ -21,12 +21,14 @@ import contextlib
 import os
 import pwd
 import signal
+import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from traitlets import Float, List, Unicode
 from traitlets.config import LoggingConfigurable
 
-from . import process
+from . import privatetmp, process
 from .backend import SlurmBackend
 from .channel import job_environment
 from .errors import UsageError
@@ -35,6 +37,7 @@ from .machine import Phase
 if TYPE_CHECKING:
     from .console import Console
     from .session import Session
+    from .settings import SessionSettings
 
 SHELL_STEP = "spunnel-shell"  # the step's name in `squeue --steps`
 
@@ -73,14 +76,32 @@ def login_shell() -> list[str]:
     return [shell or os.environ.get("SHELL") or "/bin/sh", "-l"]
 
 
-def shell_argv(config: NodeShell, slurm: SlurmBackend, job_id: int) -> list[str]:
-    """The shell step's argv: the one place where what runs on the node is put together.
-
-    A wrapper that runs the shell in a private /tmp (``python -m spunnel_jupyter.privatetmp
-    --base B --job J --restart R --mount /var/tmp --mount /tmp -- <shell>``) goes in front of
-    ``command`` here, and nowhere else."""
+def shell_argv(
+    config: NodeShell, slurm: SlurmBackend, job_id: int, private: PrivateTmpPlan | None = None
+) -> list[str]:
+    """The shell step's argv: the one place where what runs on the node is put together. With
+    ``private`` (the session's private /tmp is on), the shell runs in the same private /tmp as
+    the kernels (privatetmp.py's wrapper, over the same directories)."""
     command = list(config.command) or login_shell()
+    if private is not None:
+        command = private.wrap(command)
     return slurm.pty_step_argv(job_id, SHELL_STEP, list(config.srun_args), command)
+
+
+@dataclass(frozen=True)
+class PrivateTmpPlan:
+    """The session's private /tmp, as its launcher made it in ``runtime_dir`` on the node."""
+
+    python: str  # the node's Python (the launcher's)
+    runtime_dir: str
+    base: str  # "": in the runtime directory
+    mounts: tuple[str, ...]
+
+    def wrap(self, command: list[str]) -> list[str]:
+        base = self.base or privatetmp.default_base(self.runtime_dir)
+        note = os.path.join(self.runtime_dir, "shell-tmp.json")
+        return privatetmp.wrap(command, base, list(self.mounts), [self.runtime_dir], note,
+                               python=self.python)  # fmt: skip
 
 
 def check_terminal(detach: bool | None, tty: int = 0) -> None:
@@ -109,9 +130,10 @@ class TerminalShell:
     """The shell step of one session, holding this terminal while it runs."""
 
     def __init__(
-        self, config: NodeShell, slurm: SlurmBackend, console: Console, tty: int = 0
+        self, config: NodeShell, settings: SessionSettings, console: Console, tty: int = 0
     ) -> None:
-        self.config, self.slurm, self.console, self.tty = config, slurm, console, tty
+        self.config, self.settings, self.console, self.tty = config, settings, console, tty
+        self.slurm = settings.slurm
         self.proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Future[None] | None = None
         self._hung_up = False
@@ -126,7 +148,13 @@ class TerminalShell:
             self._hang_up()
 
     async def _run(self, session: Session, job_id: int) -> None:
-        argv = shell_argv(self.config, self.slurm, job_id)
+        enabled, base, mounts = self.settings.private_tmp
+        runtime_dir = session.channel.runtime_dir
+        python = (self.settings.launcher_command or (sys.executable,))[0]
+        plan = PrivateTmpPlan(python, runtime_dir, base, mounts)
+        argv = shell_argv(
+            self.config, self.slurm, job_id, plan if enabled and runtime_dir else None
+        )
         try:
             with process.terminal_held(self.tty):
                 self.proc = await process.spawn_foreground(

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ from .cluster import (
     state_dir,
     wait_clean,
 )
-from .jupyter_client_util import rest
+from .jupyter_client_util import execute, rest
 
 TEARDOWN_LIMIT = 2.0  # seconds, as in test_cli.py
 SHELL_FOLLOWS = "A shell on the node follows"
@@ -120,8 +121,11 @@ def test_the_shell_runs_in_the_job_on_c1_beside_jupyter_and_exit_ends_everything
         steps = subprocess.run(["squeue", "-h", "-s", "-j", str(job), "-o", "%i %j"],
                                capture_output=True, text=True, check=True).stdout  # fmt: skip
         assert f"{job}.0 " in steps and "spunnel-shell" in steps, steps
-        # Jupyter is still there, through its URL.
+        # Jupyter is still there, through its URL; the shell has the kernels' private /tmp.
         assert rest(s.port, s.token, "GET", "/api/status")[0] == 200
+        execute(s.port, s.token, "open('/tmp/from-the-kernel', 'w').write('k-wrote-it')")
+        _run_in_shell(s, "cat /tmp/from-the-kernel; echo", r"\nk-wrote-it\r?\n")
+        assert not Path("/tmp/from-the-kernel").exists()  # not the node's own /tmp
         # Ctrl-C is the shell's: it interrupts what runs there, and the session runs on.
         _type(s, "sleep 300\r")
         time.sleep(1)
