@@ -21,6 +21,8 @@
 #                              jupyter_server into the venv instead), for working on this script alone
 #   SPUNNEL_PROCTRACK=linuxproc  force proctrack/linuxproc + task/none even where cgroup v1 is available
 #   SPUNNEL_NODE_CORES=N       cores c1 declares (default 16: sixteen one-CPU jobs at once, 500 MB each)
+#   SPUNNEL_NODE_USERNS=0      c1 with unprivileged user namespaces switched off (its slurmd in a user
+#                              namespace that allows no further one; tests/cluster/no-userns.py)
 #   SPUNNEL_ADOPT=1            the pam_slurm_adopt variant: PrologFlags=contain, and c1's sshd (PAM service
 #                              sshd-adopt) admits a user only into a job of theirs on c1 (needs cgroup v1).
 #                              Running up.sh without it switches back to the plain cluster.
@@ -44,6 +46,7 @@ readonly PROJECT_GROUP=spunnel-proj
 readonly USERS=(alice bob)
 readonly NODE_CORES=${SPUNNEL_NODE_CORES:-16} # declared, not real: see SlurmdParameters=config_overrides
 readonly ADOPT=${SPUNNEL_ADOPT:-0}
+readonly NODE_USERNS=${SPUNNEL_NODE_USERNS:-1}
 readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
     openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl
     chromium fonts-dejavu-core)
@@ -323,10 +326,19 @@ fi
 wait_until 20 sh -c 'scontrol ping | grep -q "is UP"' ||
     die "slurmctld does not answer after 20 s" "$RUN/slurmctld.out" /var/log/slurm/slurmctld.log
 
-if ! alive slurmd slurmd || ! in_c1 "$(pid_of slurmd)"; then
+# SPUNNEL_NODE_USERNS=0: slurmd (and so every job on c1) in a user namespace that maps every id
+# to itself and allows no further one: a node with unprivileged user namespaces switched off.
+userns_as_asked() {
+    local own theirs
+    own=$(readlink /proc/self/ns/user) && theirs=$(readlink "/proc/$(pid_of slurmd)/ns/user") || return 1
+    if [[ $NODE_USERNS == 0 ]]; then [[ $theirs != "$own" ]]; else [[ $theirs == "$own" ]]; fi
+}
+if ! alive slurmd slurmd || ! in_c1 "$(pid_of slurmd)" || ! userns_as_asked; then
     stop slurmd
+    no_userns=()
+    [[ $NODE_USERNS == 0 ]] && no_userns=(/usr/bin/python3 "$REPO/tests/cluster/no-userns.py")
     # Not `ip netns exec`: it remounts /sys, hiding /sys/fs/cgroup from slurmd (TESTBED.md).
-    launch slurmd nsenter --net="/run/netns/$NS" unshare --uts \
+    launch slurmd nsenter --net="/run/netns/$NS" "${no_userns[@]}" unshare --uts \
         sh -c "hostname $NODE && exec /usr/sbin/slurmd -D -N $NODE"
     say "slurmd ($NODE): started"
 fi
@@ -588,6 +600,7 @@ EOF
 write_if_changed "$RUN/cluster.env" 0644 <<EOF || true
 PROCTRACK=$PROCTRACK
 ADOPT=$ADOPT
+NODE_USERNS=$NODE_USERNS
 LOGIN_HOST=$LOGIN_HOST
 LOGIN_ADDR=$LOGIN_ADDR
 NODE=$NODE

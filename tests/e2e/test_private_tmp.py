@@ -1,11 +1,13 @@
 """A private /tmp for the notebook and its kernels, on the real cluster (privatetmp.py): what a
 kernel writes to /tmp stays in its session, invisible to another step of the same job, to the
 login host and to other users' sessions on c1, and is gone when the session ends. Inside, the user
-keeps what the cluster grants (supplementary groups, file ownership)."""
+keeps what the cluster grants (supplementary groups, file ownership). Where the node refuses user
+namespaces, TMPDIR points at the private directory instead, and the user is told once."""
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import subprocess
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import PROG, as_user, start, uid, wait_clean
+from .cluster import PROG, as_user, cluster_env, start, uid, wait_clean
 from .jupyter_client_util import execute
 
 GROUP, SHARED = "spunnel-proj", Path("/srv/spunnel-proj")
+UP = Path(__file__).parents[1] / "cluster" / "up.sh"
 
 
 def probe(port: int, token: str, code: str) -> dict:
@@ -80,6 +83,45 @@ print(json.dumps({{"tmp": os.listdir('/tmp'), "uid": st.st_uid, "gid": st.st_gid
     for user in ("alice", "bob"):
         _took, left = wait_clean(user, timeout=15)
         assert not left, left
+
+
+@pytest.fixture
+def no_user_namespaces(cluster):
+    """c1 with unprivileged user namespaces switched off (SPUNNEL_NODE_USERNS=0 up.sh: its
+    slurmd in a user namespace that allows no further one), then c1 as before."""
+    _up(node_userns=False)
+    assert cluster_env()["NODE_USERNS"] == "0"
+    try:
+        yield
+    finally:
+        _up(node_userns=True)
+
+
+def _up(node_userns: bool) -> None:
+    env = dict(os.environ, SPUNNEL_NODE_USERNS="1" if node_userns else "0")
+    result = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_without_user_namespaces_tmpdir_points_at_the_private_directory(no_user_namespaces):
+    s = start("alice", "--mem", "500", "-t", "10")
+    try:
+        s.wait_ready()
+        told = s.wait_for(r"no private /tmp namespace on this node \(([^)]*)\): TMPDIR, TMP and "
+                          r"TEMP point at (\S+) instead", timeout=10)  # fmt: skip
+        assert s.output.count("no private /tmp namespace") == 1  # said once
+        code = "import tempfile\nprint(json.dumps({'tmpdir': os.environ['TMPDIR'], "
+        said = probe(s.port, s.token, code + "'temp': tempfile.gettempdir()}))")
+        assert said == {"tmpdir": told.group(2), "temp": told.group(2)}, said
+        assert Path(told.group(2)).stat().st_uid == uid("alice")
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+        assert not Path(told.group(2)).exists()
+    finally:
+        s.close()
+    _took, left = wait_clean("alice", timeout=15)
+    assert not left, left
 
 
 def test_doctor_reports_what_the_node_gives():
