@@ -12,8 +12,11 @@ has no capability left. Host mounts still propagate in (MS_SLAVE, as systemd's P
 unshare(CLONE_NEWUSER) fails (EINVAL) in a multithreaded process such as the asyncio launcher, so
 a fresh one-thread wrapper does it, then execs Jupyter (``main``)::
 
-    python -m spunnel_jupyter.privatetmp --base B --job J --restart R \\
+    python -m spunnel_jupyter.privatetmp --base B [--job J --restart R] --note FILE \\
         --mount /var/tmp --mount /tmp --keep RUNDIR -- jupyter-command...
+
+(``--job`` and ``--restart`` default to the job's own $SLURM_JOB_ID and $SLURM_RESTART_COUNT: the
+launcher's Jupyter and the ``--shell`` step of one session get the same directories.)
 
 ``--keep``: a directory under a mount point that must stay the same inside (the runtime directory,
 with Jupyter's socket, under /tmp by default), bound into the private tree at its place first.

@@ -352,10 +352,11 @@ class Tool:
     url_at: float = 0.0
     answered_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> Tool:
         self.t0, self.t0_epoch = time.monotonic(), time.time()
-        self.proc = popen_as(self.user, [PROG, *self.args])
+        self.proc = popen_as(self.user, [PROG, *self.args], **self.env)
         self.out = Output(self.proc)
         return self
 
@@ -529,6 +530,27 @@ class Bench:
         except Exception:
             say(f"session of {user} failed; its output:\n{tool.out.text() if tool.out else ''}")
             raise
+        finally:
+            if tool.proc and tool.proc.poll() is None:
+                tool.proc.kill()
+            self.clean(user)
+
+    def without_private_tmp(self, user: str) -> None:
+        """Time to URL with the private /tmp switched off by the site (its start-up cost is the
+        difference from time_to_url_s, measured in the same rounds)."""
+        self.clean(user)
+        site = HELPER_DIR / "no-private-tmp"
+        site.mkdir(mode=0o755, exist_ok=True)
+        (site / "jupyter_spunnel_jupyter_config.json").write_text(
+            json.dumps({"PrivateTmp": {"enabled": False}})
+        )
+        tool = Tool(user, JOB_ARGS, env={"JUPYTER_CONFIG_PATH": str(site)}).start()
+        try:
+            tool.wait_url()
+            self.add("time_to_url_no_private_tmp_s", tool.answered_at - tool.t0)
+            log = (C.state_dir(user) / "session.log").read_text(errors="replace")
+            if "user namespace" in log:
+                raise RuntimeError("the site's PrivateTmp.enabled = False was not honoured")
         finally:
             if tool.proc and tool.proc.poll() is None:
                 tool.proc.kill()
@@ -920,6 +942,13 @@ def summarize(s: dict[str, list[Any]], scale: dict[str, Any] | None) -> list[dic
             f"overhead {over:.2f} s, {ratio:.2f}x" + paired(),
             over <= 0.5 or ratio <= 1.15,
         )
+    without = stats(col("time_to_url_no_private_tmp_s"))
+    if url["n"] and without["n"]:
+        row(
+            "command start -> URL answering, private /tmp switched off (c.PrivateTmp)", "s",
+            without, [start_floor | {"what": "srun starting Jupyter"}], "(reported)",
+            f"the private /tmp costs {url['median'] - without['median']:+.2f} s at start-up",
+        )  # fmt: skip
     slurm_start = [{"what": "Slurm's own start time of the job (slurmctld log, ms)"}]
     for values, what in (
         (col("detect_pending", "record_s"), "job RUNNING after pending -> tool notices (record)"),
@@ -1132,6 +1161,7 @@ def main() -> int:
             bench.attempt("floor", bench.floor, "bench03")
             bench.attempt("session", bench.tool_session, "bench01", "scancel", False)
             bench.attempt("detached session", bench.detached_session, "bench04")
+            bench.attempt("session", bench.without_private_tmp, "bench05")
     if "pending" not in skip:
         costs = bench.attempt("RPC costs", bench.rpc_costs, "bench06")
         for i in range(reps):

@@ -108,7 +108,7 @@ def test_without_user_namespaces_tmpdir_points_at_the_private_directory(no_user_
     s = start("alice", "--mem", "500", "-t", "10")
     try:
         s.wait_ready()
-        told = s.wait_for(r"no private /tmp namespace on this node \(([^)]*)\): TMPDIR, TMP and "
+        told = s.wait_for(r"no private /tmp namespace on this node \((.*)\): TMPDIR, TMP and "
                           r"TEMP point at (\S+) instead", timeout=10)  # fmt: skip
         assert s.output.count("no private /tmp namespace") == 1  # said once
         code = "import tempfile\nprint(json.dumps({'tmpdir': os.environ['TMPDIR'], "
