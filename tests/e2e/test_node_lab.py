@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .browser import CHROMIUM_ARGS, chromium_path
-from .cluster import PROG, as_user, site_config, start, state_dir, wait_clean
+from .cluster import PROG, Session, as_user, site_config, start, state_dir, wait_clean
 from .jupyter_client_util import rest
 
 try:
@@ -27,15 +27,19 @@ EMPTY = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs"
          "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
 
 
+def put_empty_notebook(s: Session) -> None:
+    code, _ = rest(s.port, s.token, "PUT", f"/api/contents/{NOTEBOOK}",
+                   {"type": "notebook", "format": "json", "content": EMPTY})  # fmt: skip
+    assert code in (200, 201)
+
+
 def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
     site = site_config({"SpunnelManager": {"warn_before": [2]}})
     on_disk = Path("/home/alice") / NOTEBOOK
     s = start("alice", "-t", "2", env_path=site)
     try:
         s.wait_ready()
-        code, _ = rest(s.port, s.token, "PUT", f"/api/contents/{NOTEBOOK}",
-                       {"type": "notebook", "format": "json", "content": EMPTY})  # fmt: skip
-        assert code in (200, 201)
+        put_empty_notebook(s)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
@@ -87,9 +91,7 @@ def test_the_time_limit_is_warned_twice_and_the_edit_saved_before_the_job_ends(a
     s = start("alice", "-t", "3", env_path=site)
     try:
         s.wait_ready()
-        code, _ = rest(s.port, s.token, "PUT", f"/api/contents/{NOTEBOOK}",
-                       {"type": "notebook", "format": "json", "content": EMPTY})  # fmt: skip
-        assert code in (200, 201)
+        put_empty_notebook(s)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})

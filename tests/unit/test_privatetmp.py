@@ -284,36 +284,17 @@ def test_runtime_dir_and_its_socket_stay_shared(shared):
     assert "site: a bind mount of" in out
 
 
-REFUSER = """
-import ctypes, os, sys
-uid = int(sys.argv[1])
-(ready_r, ready_w), (go_r, go_w) = os.pipe(), os.pipe()
-pid = os.fork()
-if pid == 0:  # a user namespace (full identity map) whose user.max_user_namespaces is 0
-    os.close(go_w)
-    assert ctypes.CDLL(None).unshare(0x10000000) == 0
-    os.write(ready_w, b"x")
-    if os.read(go_r, 1) != b"x":
-        os._exit(3)
-    with open("/proc/sys/user/max_user_namespaces", "w") as f:
-        f.write("0")
-    os.setgroups([]); os.setgid(uid); os.setuid(uid)
-    os.execvp(sys.argv[2], sys.argv[2:])
-os.close(go_r)
-os.read(ready_r, 1)
-for name in ("uid_map", "gid_map"):
-    with open(f"/proc/{pid}/{name}", "w") as f:
-        f.write("0 0 4294967295")
-os.write(go_w, b"x")
-sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-"""
+# tests/cluster/no-userns.py: a user namespace (every id mapped to itself) that allows no further
+# one, as a node with unprivileged user namespaces switched off; then the user, with setpriv.
+NO_USERNS = Path(__file__).parents[1] / "cluster" / "no-userns.py"
 
 
 @real
 def test_wrapper_falls_back_to_tmpdir_when_user_namespaces_are_refused(shared):
     rundir = runtime_dir(shared, OTHER)
     script = 'echo "$TMPDIR $TMP $TEMP"; touch "$TMPDIR/f"; cat /proc/self/uid_map'
-    argv = [PYTHON, "-c", REFUSER, str(OTHER), *wrapper(rundir, ["sh", "-c", script])]
+    as_other = ["setpriv", f"--reuid={OTHER}", f"--regid={OTHER}", "--clear-groups"]
+    argv = [PYTHON, str(NO_USERNS), *as_other, *wrapper(rundir, ["sh", "-c", script])]
     done = subprocess.run(argv, env=ENV, cwd="/", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     private_tmp = str(rundir / "tmp.100.0" / "tmp")
