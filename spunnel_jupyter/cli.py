@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__
 from .background import SUPERVISOR_FLAG
+from .commands import SUBCOMMANDS, parse_subcommand
 from .console import (
     AFTER_SHELL,
     AFTER_URL,
@@ -37,7 +38,7 @@ from .console import (
     tunnels_block,
     url_block,
 )
-from .errors import ExitCode, SpunnelError, UsageError
+from .errors import ExitCode, NoSession, SpunnelError, UsageError
 
 if TYPE_CHECKING:
     from .manager import SpunnelManager
@@ -257,6 +258,36 @@ def attach(manager: SpunnelManager, args: argparse.Namespace, console: Console) 
     return asyncio.run(run_session(manager, args, console, "attached", args.job))
 
 
+def print_ssh_config(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
+    """`ssh-config`: a Host stanza for the running session's node, once ssh to it is known to
+    work from here (the node may refuse it: then why, and nothing printed)."""
+    from .access import LaptopAccess, ssh_config
+    from .detached import choose
+    from .doctor import ssh_to_node
+
+    record = manager.status() or {}
+    if record and args.job in (None, record.get("job_id")):
+        if record.get("phase") != "ready":
+            raise NoSession("the session has no node yet", "run it again once the URL is shown")
+        node, job = record["node"], record["job_id"]
+    else:
+        jobs = asyncio.run(manager.detached())
+        if not jobs and args.job is None:
+            raise NoSession("no session is running", f"start one, then run `{PROG} ssh-config`")
+        chosen = choose(jobs, args.job, "ssh-config")
+        node, job = chosen.node, chosen.job_id
+    check = asyncio.run(ssh_to_node(manager, node, str(job)))
+    if check.status != "ok":
+        raise NoSession(
+            f"{node} refuses ssh from this host ({check.detail})",
+            "ask your administrators whether users may ssh to the nodes of their jobs",
+        )
+    stanza = ssh_config(node, job, manager.login_host, LaptopAccess(parent=manager).gateway,
+                        args.alias)  # fmt: skip
+    console.say(stanza, sys.stdout)
+    return ExitCode.OK
+
+
 def forward(manager: SpunnelManager, args: argparse.Namespace, console: Console) -> int:
     from .tunnel import parse_port_pairs
 
@@ -291,47 +322,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         cut = argv.index("--")
         argv, srun_extra = argv[:cut], argv[cut + 1 :]
     command = None
-    if argv and argv[0] in ("status", "stop", "start", "forward", "doctor", "attach"):
+    if argv and argv[0] in SUBCOMMANDS:
         command, argv = argv[0], argv[1:]
-    if command in ("attach", "stop"):
-        p = argparse.ArgumentParser(
-            prog=f"{PROG} {command}",
-            description="Follow a detached session from this host (Ctrl-C detaches)."
-            if command == "attach"
-            else "End this host's session, or a detached one (from any login host).",
-        )
-        p.add_argument("job", nargs="?", type=int, metavar="JOBID", help="which detached session")
-        if command == "attach":
-            p.add_argument("--port", default=None, help="login-side port for the URL")
-        p.add_argument("--debug", action="store_true")
-        args = p.parse_args(argv)
-        args.command, args.srun_extra = command, []
-        return args
-    if command == "doctor":
-        p = argparse.ArgumentParser(
-            prog=f"{PROG} doctor",
-            description="Check what this site and this account allow; exit 1 if something fails.",
-        )
-        p.add_argument(
-            "--allocate",
-            action="store_true",
-            help="also run a one-minute test job (node's Jupyter, ssh both ways)",
-        )
-        p.add_argument("--debug", action="store_true")
-        args = p.parse_args(argv)
-        args.command = command
-        return args
-    if command == "forward":
-        p = argparse.ArgumentParser(
-            prog=f"{PROG} forward",
-            description="Add or remove a forward in the running session (ssh -O forward/cancel).",
-        )
-        p.add_argument("pair", nargs="*", metavar="LOGINPORT:NODEPORT")
-        p.add_argument("--cancel", action="store_true", help="remove the forward")
-        p.add_argument("--debug", action="store_true")
-        args = p.parse_args(argv)
-        args.command = command
-        return args
+        sub = parse_subcommand(command, argv)
+        if sub is not None:
+            return sub
     args = build_parser().parse_args(argv)
     args.command = command or args.command or "start"
     args.srun_extra = srun_extra
@@ -370,6 +365,8 @@ def _main(argv: list[str]) -> int:
             return ExitCode.OK
         if args.command == "attach":
             return attach(manager, args, console)
+        if args.command == "ssh-config":
+            return print_ssh_config(manager, args, console)
         if getattr(args, "as_detached_supervisor", False):
             return asyncio.run(run_session(manager, args, console, "detached"))
         if args.shell:  # a terminal's own: in its foreground, never detached (nothing submitted)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -95,10 +94,16 @@ def time_left(end_time: float | None) -> float | None:
     return None if end_time is None else max(0.0, end_time - time.time())
 
 
+def laptop(manager: SpunnelManager, ports: list[int]) -> str:
+    """The laptop's ssh command that forwards ``ports`` to this host's same ports."""
+    from .access import LaptopAccess, laptop_line
+
+    forwards = [f"-L {p}:127.0.0.1:{p}" for p in ports]
+    return laptop_line(manager.login_host, LaptopAccess(parent=manager).gateway, forwards)
+
+
 def url_block(manager: SpunnelManager, node: str, job_id: object, url: str, port: int) -> str:
-    ssh_line = (
-        f"ssh -N -L {port}:127.0.0.1:{port} {os.environ.get('USER', '')}@{manager.login_host}"
-    )
+    ssh_line = laptop(manager, [port])
     return (
         f"{PROG}: Jupyter is running on {node} (job {job_id})\n\n"
         f"    {url}\n\n"
@@ -111,14 +116,11 @@ def tunnels_block(manager: SpunnelManager, session: Session) -> str:
     """What --no-jupyter prints instead of the URL: which login port goes to which node port."""
     node, pairs = session.node, session.req.tunnels
     lines = [f"    127.0.0.1:{p.local} -> port {p.remote} on {node}" for p in pairs]
-    forwards = " ".join(f"-L {p.local}:127.0.0.1:{p.local}" for p in pairs)
-    user = os.environ.get("USER", "")
-    laptop = (
-        [f"  From a laptop: run  ssh -N {forwards} {user}@{manager.login_host}"] if pairs else []
-    )
+    line = laptop(manager, [p.local for p in pairs])
+    from_laptop = [f"  From a laptop: run  {line}"] if pairs else []
     return "\n".join([
         f"{PROG}: the tunnels to {node} are up (job {session.job_id}; no Jupyter)", "",
-        *(lines or [f"    no --tunnel pairs (`{PROG} forward SP:EP` adds one)"]), "", *laptop,
+        *(lines or [f"    no --tunnel pairs (`{PROG} forward SP:EP` adds one)"]), "", *from_laptop,
         " ",  # what follows (AFTER_SHELL) on a line of its own, indented like the rest
     ])  # fmt: skip
 

@@ -130,7 +130,7 @@ async def _allocation_checks(manager: SpunnelManager) -> list[Check]:
             if missing else "",
         ))  # fmt: skip
         checks.append(_private_tmp(manager, report["private_tmp"]))
-        checks.append(await _ssh_to_node(manager, node, str(report["job"])))
+        checks.append(await ssh_to_node(manager, node, str(report["job"])))
         checks.append(Check(
             "reverse path to this host", "ok" if report["reverse_rc"] == 0 else "FAIL",
             f"{node} -> {tunnel.reverse_host}: "
@@ -163,7 +163,7 @@ def _private_tmp(manager: SpunnelManager, found: str) -> Check:
     )  # fmt: skip
 
 
-async def _ssh_to_node(manager: SpunnelManager, node: str, job: str) -> Check:
+async def ssh_to_node(manager: SpunnelManager, node: str, job: str) -> Check:
     tunnel = manager.tunnel
     argv = [*tunnel.ssh_command, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
             *tunnel.ssh_options, node, "cat", "/proc/self/cgroup"]  # fmt: skip

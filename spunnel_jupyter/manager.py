@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ from traitlets import Enum as TEnum
 from traitlets.config import LoggingConfigurable
 
 from . import probes, process
+from .access import reached_host
 from .backend import SlurmBackend
 from .checks import check_against_cluster
 from .config import PrivateTmp, site_config_key
@@ -152,7 +152,7 @@ class SpunnelManager(LoggingConfigurable):
 
     @default("login_host")
     def _login_host_default(self) -> str:
-        return socket.getfqdn()
+        return reached_host()
 
     @default("slurm_impl")
     def _slurm_default(self) -> LoggingConfigurable:

@@ -7,6 +7,7 @@ pam_slurm_adopt on c1's sshd) and back to the plain cluster when it is done.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import as_user, cluster_env, squeue, start, uid, wait_clean
+from .cluster import as_user, cluster_env, procs_of, squeue, start, uid, user_env, wait_clean
+from .test_access import ssh_through_the_stanza, write_stanza
 
 UP = Path(__file__).parents[1] / "cluster" / "up.sh"
 
@@ -105,3 +107,36 @@ def test_doctor_reports_adoption():
     result = as_user("alice", ["spunnel-notebook", "doctor", "--allocate"], timeout=180)
     assert result.returncode == 0, result
     assert "allowed, adopted into the job (pam_slurm_adopt)" in result.stdout
+
+
+def test_an_ssh_config_connection_joins_the_job_and_dies_with_it():
+    s = start("alice", "-t", "10", "--tunnel-mode", "forward")
+    config = None
+    try:
+        s.wait_ready(timeout=120)
+        job = s.job_id
+        assert f"job_{job}/step_extern" in ssh_through_the_stanza(["cat", "/proc/self/cgroup"])
+        config, host = write_stanza()
+        ssh = subprocess.Popen(
+            ["ssh", "-F", str(config), "-o", "BatchMode=yes", host, "sleep", "301"],
+            user="alice", group="alice", extra_groups=[], cwd="/home/alice",
+            env=user_env("alice"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not (sleeps := [p for p, cmd in procs_of("alice") if cmd == "sleep 301"]):
+            assert time.monotonic() < deadline, "the ssh-config connection never ran its sleep"
+            time.sleep(0.1)
+        cgroup = Path(f"/proc/{sleeps[0]}/cgroup").read_text()
+        assert f"job_{job}/step_extern" in cgroup, cgroup  # adopted into the session's job
+        s.signal(signal.SIGINT)
+        assert s.finish() == 130
+        deadline = time.monotonic() + 10
+        while [p for p, cmd in procs_of("alice") if cmd == "sleep 301"]:
+            assert time.monotonic() < deadline, "the adopted connection outlived the job"
+            time.sleep(0.05)
+        ssh.wait(30)
+    finally:
+        s.close()
+        if config is not None:
+            shutil.rmtree(config.parent, ignore_errors=True)
