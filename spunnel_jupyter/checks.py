@@ -21,7 +21,12 @@ async def check_against_cluster(slurm: SlurmBackend, req: SessionRequest) -> Non
     try:
         await check_ipykernel(req.kernel_envs)
     except UsageError as e:
-        raise _blame(req, "env", e.message, e.remedy) from e
+        if "env" not in req.from_site:
+            raise
+        where = site_config_key("SpunnelManager", "env")
+        raise UsageError(
+            f"{e.message}, from the site's {where}", f"ask your administrators to {e.remedy}"
+        ) from e
     partitions = await slurm.partitions()
     names = ", ".join(p.name for p in partitions) or "none"
     by_name = {p.name: p for p in partitions}
