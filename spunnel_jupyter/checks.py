@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .backend import Partition, SlurmBackend, format_duration, parse_mem_mb, parse_time_limit
 from .config import site_config_key
+from .envkernels import check_ipykernel
 from .errors import UsageError
 from .fields import SessionRequest
 
@@ -15,8 +16,17 @@ async def check_against_cluster(slurm: SlurmBackend, req: SessionRequest) -> Non
     """Refuse what Slurm would refuse (or leave pending forever) before submitting anything.
 
     With several partitions (``-p a,b``) each must exist, and the job is refused only if none
-    of them can take it (Slurm runs it in whichever can).
+    of them can take it (Slurm runs it in whichever can). Each --env must import ipykernel.
     """
+    try:
+        await check_ipykernel(req.kernel_envs)
+    except UsageError as e:
+        if "env" not in req.from_site:
+            raise
+        where = site_config_key("SpunnelManager", "env")
+        raise UsageError(
+            f"{e.message}, from the site's {where}", f"ask your administrators to {e.remedy}"
+        ) from e
     partitions = await slurm.partitions()
     names = ", ".join(p.name for p in partitions) or "none"
     by_name = {p.name: p for p in partitions}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import parse_mem_mb, parse_time_limit
+from .envkernels import resolve as resolve_envs
 from .errors import UsageError
 from .passthrough import check_srun_args
 from .protocol import UI_PATHS
@@ -40,7 +41,7 @@ def _minutes(value: int) -> None:
 @dataclass(frozen=True)
 class Field:
     name: str  # the REST/JSON name, the SpunnelManager trait (if a site default) and argparse dest
-    kind: type  # str, int or bool (a flag: given or not)
+    kind: type  # str, int, bool (a flag: given or not) or list (of str: a repeatable flag)
     title: str  # the form's label
     help: str
     flags: tuple[str, ...] = ()  # command-line flags; () for none
@@ -93,6 +94,10 @@ FIELDS: tuple[Field, ...] = (
           "forward: ssh from here to the node; reverse: the node dials back here (no sshd "
           "needed on nodes); auto (default): forward, else reverse", ("--tunnel-mode",),
           choices=TUNNEL_MODES, form=False),
+    Field("env", list, "Environments",
+          "also offer this venv's or conda environment's Python as a kernel, for this session "
+          "only (repeatable; it needs ipykernel)", ("--env",), check=resolve_envs,
+          site_default=True, default=None, metavar="PATH", form=False),
     Field("shell", bool, "Shell on the node",
           "this terminal becomes a shell on the node, beside Jupyter, once the session is "
           "ready; exiting it ends the session (like `srun --pty ... bash`)", ("--shell",),
@@ -120,6 +125,7 @@ class SessionRequest:
     from_site: frozenset[str] = frozenset()  # fields whose value is the site's default
     shell: bool = False  # the terminal becomes a shell on the node (cli.py runs it: shell.py)
     no_jupyter: bool = False  # with shell: no Jupyter on the node, only the --tunnel pairs
+    kernel_envs: list[str] = field(default_factory=list)  # --env: absolute, checked (envkernels)
 
     @property
     def jupyter(self) -> bool:
@@ -182,6 +188,7 @@ def build_request(
         from_site=frozenset(from_site),
         shell=values["shell"],
         no_jupyter=values["no_jupyter"],
+        kernel_envs=[] if values["no_jupyter"] else resolve_envs(values["env"] or []),
     )
     if req.no_jupyter:
         _check_without_jupyter(req, options)
@@ -201,7 +208,7 @@ def _check_without_jupyter(req: SessionRequest, options: Mapping[str, Any]) -> N
             "--no-jupyter needs --shell (with no Jupyter, the shell is what the session is for)",
             "add --shell, or leave --no-jupyter out",
         )
-    given = [f for f in FIELDS if f.name in ("port", "ui", "idle_timeout")
+    given = [f for f in FIELDS if f.name in ("port", "ui", "idle_timeout", "env")
              and options.get(f.name) not in (None, "")]  # fmt: skip
     if given:
         flags = ", ".join(_flag(f) if f.name != "ui" else "--lab/--notebook" for f in given)
@@ -247,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                help=f.help)  # fmt: skip
         elif f.flags:
             group.add_argument(
-                *f.flags, dest=f.name, default=None,
+                *f.flags, dest=f.name, default=None, action="append" if f.kind is list else "store",
                 help=f.help, metavar=f.metavar or _choices(f),
             )  # fmt: skip
         if f.cli_consts:

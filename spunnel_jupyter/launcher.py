@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import privatetmp, probes, process
+from . import envkernels, privatetmp, probes, process
 from .dialback import DialBack
 from .nodehold import hold_step
 from .notices import Notices
@@ -156,6 +156,7 @@ class Launcher:
         self.private_tmp = bool(settings.private_tmp)
         self.tmp_base, self.tmp_mounts = settings.private_tmp_base, settings.private_tmp_mounts
         self.jupyter = settings.jupyter  # False (--no-jupyter): only hold the step (nodehold.py)
+        self.kernel_envs = settings.kernel_envs  # --env: kernels of the user's environments
         self.idled = False  # Jupyter said it shut itself down for want of activity
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -233,6 +234,7 @@ class Launcher:
         env = dict(os.environ)
         env.update(
             {RUNDIR_ENV: str(rundir)},
+            **envkernels.install(rundir, self.kernel_envs, env, emit),  # JUPYTER_PATH
             JUPYTER_TOKEN=self.token,
             JUPYTER_RUNTIME_DIR=str(rundir / "runtime"),
             JUPYTER_CONFIG_PATH=os.pathsep.join(

@@ -49,6 +49,7 @@ class SpunnelManager(LoggingConfigurable):
         help="""Default --idle-timeout: minutes with no busy kernel, terminal activity or open
         connection after which a session ends, freeing its allocation (0: never).""",
     )
+    env = List(Unicode(), [], config=True, help="Default --env: environments offered as kernels.")
     srun_args = List(
         Unicode(),
         [],
@@ -103,8 +104,7 @@ class SpunnelManager(LoggingConfigurable):
         2.0,
         config=True,
         help="""Seconds between job queries (scontrol) while the job is pending (for Slurm's
-        reason).
-        The start itself is reported by srun at once; this only refreshes the reason.""",
+        reason). The start itself is reported by srun at once; this only refreshes the reason.""",
     )
     refresh_interval = Float(
         60.0,

@@ -97,6 +97,7 @@ class LauncherSettings:
     private_tmp_base: str = ""  # "": in the runtime directory
     private_tmp_mounts: list[str] = field(default_factory=lambda: ["/var/tmp", "/tmp"])  # noqa: S108
     jupyter: bool = True  # False (--no-jupyter): no Jupyter, the step holds the allocation
+    kernel_envs: list[str] = field(default_factory=list)  # --env: environments offered as kernels
     version: int = VERSION
 
     def line(self) -> bytes:

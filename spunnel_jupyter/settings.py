@@ -43,4 +43,5 @@ class SessionSettings:
             idle_timeout=req.idle_timeout, warn_before=[m * 60 for m in self.warn_before],
             save_grace=self.save_grace, private_tmp=self.private_tmp[0], jupyter=req.jupyter,
             private_tmp_base=self.private_tmp[1], private_tmp_mounts=list(self.private_tmp[2]),
+            kernel_envs=list(req.kernel_envs),
         )  # fmt: skip

@@ -14,6 +14,7 @@ it); ``Authorization: token T`` or ``?token=T`` authenticates.
                              lines that hold it too (what a chatty kernel's output does); see
                              ``flood``
     GET  /fake/echo          200, the request's headers as JSON
+    GET  /fake/env           200, this process's environment as JSON (what kernels would inherit)
 
 Modes (--Fake.mode):
   serve (default)  as above
@@ -100,12 +101,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         route = urlparse(self.path).path
-        if route not in ("/api/status", "/lab", "/tree", "/fake/echo"):
+        if route not in ("/api/status", "/lab", "/tree", "/fake/echo", "/fake/env"):
             self._answer(404, {"message": "Not Found"})
         elif not self._authorized():
             self._answer(403, {"message": "Forbidden"})
         elif route == "/fake/echo":
             self._answer(200, dict(self.headers.items()))
+        elif route == "/fake/env":
+            self._answer(200, dict(os.environ))
         else:
             self._answer(200, {"started": "fake", "connections": 0, "kernels": 0})
 
