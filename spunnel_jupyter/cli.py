@@ -70,6 +70,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .desktop import add_arguments as add_desktop_arguments
     from .fields import add_arguments
 
     p = argparse.ArgumentParser(
@@ -88,21 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the URL and return the prompt; the session runs on without this terminal "
         "(or this login host); `attach` follows it, `stop` ends it",
     )
+    add_desktop_arguments(other)
     other.add_argument(SUPERVISOR_FLAG, action="store_true", help=argparse.SUPPRESS)
-    other.add_argument(
-        "--status",
-        dest="command",
-        action="store_const",
-        const="status",
-        help="same as the status command",
-    )
-    other.add_argument(
-        "--stop",
-        dest="command",
-        action="store_const",
-        const="stop",
-        help="same as the stop command",
-    )
+    for command in ("status", "stop"):
+        other.add_argument(f"--{command}", dest="command", action="store_const", const=command,
+                           help=f"same as the {command} command")  # fmt: skip
     other.add_argument("--json", action="store_true", help="status as JSON")
     other.add_argument("--debug", action="store_true", help="verbose log, tracebacks")
     other.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -117,12 +108,13 @@ async def run_session(
     job_id: int | None = None,
 ) -> int:
     from .background import let_go_of_terminal
-    from .desktop import notify
+    from .desktop import SessionDesktop
     from .fields import options_from_args
     from .machine import Phase
 
     req = manager.request(options_from_args(args), args.srun_extra)
     shell = _terminal_shell(manager, console) if req.shell else None
+    desktop = SessionDesktop(manager, args, kind, console)  # the browser, the notification
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     holder: dict[str, Session] = {}
@@ -158,12 +150,13 @@ async def run_session(
             started = started_after_waiting(session)
             if started:  # the bell, and the desktop's notification: the user may be elsewhere
                 console.say(f"\a{PROG}: {started}")
-                notify("Jupyter on a compute node", f"{started}; Jupyter is starting")
+                desktop.started(started)
         if session.phase is Phase.READY and not shown_ready:
             shown_ready = True
             block = url_block(manager, session.node, session.job_id, session.url, session.port)
             block = block if session.url else tunnels_block(manager, session)
             console.say(f"{block} {AFTER_SHELL if shell else AFTER_URL[kind]}", sys.stdout)
+            desktop.ready(session)
             if kind == "detached":
                 let_go_of_terminal()
         if shell is not None:  # started once the URL is out; hung up once the session ends
@@ -183,8 +176,8 @@ async def run_session(
     on_change(session)
     ticker = asyncio.ensure_future(_tick(session, console, list(manager.warn_before)))
     outcome = await session.wait()
-    if ticker:
-        ticker.cancel()
+    ticker.cancel()
+    desktop.ended()
     if shell is not None:
         await shell.end()  # the terminal is ours again before the end lines
     if outcome.error is not None:
@@ -334,7 +327,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    code = _main(argv)
+    from .desktop import hold_on_failure  # --hold: the desktop entry's window stays for an error
+
+    hold_on_failure(argv, code)
     # The terminal may be gone (SIGHUP): the final flush must not turn our exit code into 120.
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -31,7 +31,7 @@ from .protocol import ControlRequest, job_tag
 from .session import Session
 from .settings import SessionSettings
 from .slurm import SlurmCLI
-from .state import CONTROL, CONTROL_PATH, LAST, RECORD, TUNNEL_SOCKET, UNCANCELLED, StateDir
+from .state import CONTROL, LAST, LEFTOVERS, UNCANCELLED, StateDir
 from .tunnel import SshTunnel
 
 
@@ -286,7 +286,7 @@ class SpunnelManager(LoggingConfigurable):
                 notes.append(f"stopped a leftover {what} (pid {pid})")
         # Each --tunnel pair's and runtime forward's socket too (ports.py names them port-SP.sock).
         pairs = [path.name for path in state.path.glob("port-*.sock")]
-        state.remove(CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET, *pairs)
+        state.remove(*LEFTOVERS, *pairs)
         if not notes and record is None:  # only an unconfirmed end to retry: the job ended since
             job = f"job {named}" if named else "the job"
             notes.append(f"{job}, whose end an earlier session could not confirm, has ended")

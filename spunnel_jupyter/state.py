@@ -35,6 +35,9 @@ TUNNEL_SOCKET = "tunnel.sock"  # the login end of the -L to Jupyter's socket (be
 LOG = "session.log"  # srun's, ssh's and (token-masked) Jupyter's output
 LAST = "last.json"  # how the previous session ended (no secrets)
 UNCANCELLED = "uncancelled.json"  # a job whose end Slurm did not confirm at teardown: retried
+PAGE = "open.html"  # the page the desktop's browser opens, a redirect to the URL (browser.py)
+# What a supervisor that died left behind, removed by the next start (with port-*.sock).
+LEFTOVERS = (CONTROL_PATH, CONTROL, RECORD, TUNNEL_SOCKET, PAGE)
 # Filesystems whose locks or Unix sockets are not host-local.
 NETWORK_FS = {
     "nfs",

@@ -49,7 +49,8 @@ readonly ADOPT=${SPUNNEL_ADOPT:-0}
 readonly NODE_USERNS=${SPUNNEL_NODE_USERNS:-1}
 readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
     openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl
-    chromium fonts-dejavu-core)
+    chromium fonts-dejavu-core
+    xvfb dbus-daemon dbus-bin libnotify-bin dunst x11-utils imagemagick desktop-file-utils) # test_desktop.py
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 readonly REPO

@@ -138,7 +138,7 @@ def files_left(user: str, root: Path, host: str = "") -> list[str]:
     sdir = root / state_dir(user).relative_to("/")
     problems = [
         f"file left{on}: {state_dir(user) / name}"
-        for name in ("session.json", "ctl", "control.sock", "uncancelled.json")
+        for name in ("session.json", "ctl", "control.sock", "uncancelled.json", "open.html")
         if (sdir / name).exists()
     ]
     problems += [f"socket left{on}: {state_dir(user) / path.name}" for path in sdir.glob("*.sock")]

@@ -209,7 +209,7 @@ class FakeCluster:
         found += [f"node runtime dir {p.name}" for p in self.node_tmp.iterdir()]
         found += [
             f"state file {name}"
-            for name in ("session.json", "control.sock", "ctl", "tunnel.sock")
+            for name in ("session.json", "control.sock", "ctl", "tunnel.sock", "open.html")
             if (self.state_dir / name).exists()
         ]
         if not self.lock_free():
