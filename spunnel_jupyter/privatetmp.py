@@ -179,6 +179,11 @@ def _enter_now(private: Path, mounts: list[str], keep: list[str]) -> None:
         os.close(fd)
 
 
+def _threads() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
 def enter(private: Path, mounts: list[str], keep: list[str] | None = None) -> str:
     """Move this one-thread process into a user + mount namespace of its own where each
     ``private/subdir(m)`` is mounted on ``m``; the ``keep`` directories stay as they are.
@@ -187,9 +192,8 @@ def enter(private: Path, mounts: list[str], keep: list[str] | None = None) -> st
     half in (e.g. unshare allowed but uid_map refused, as AppArmor's userns restriction does,
     which would leave us unmapped, uid 65534, unable to create files)."""
     keep = [os.path.abspath(k) for k in keep or []]
-    with open("/proc/self/status") as f:
-        if next(line for line in f if line.startswith("Threads:")).split()[1] != "1":
-            raise NamespaceUnavailable("this process has threads: unshare(CLONE_NEWUSER) refuses")
+    if _threads() != 1:
+        raise NamespaceUnavailable("this process has threads: unshare(CLONE_NEWUSER) refuses")
     for m in [*mounts, *keep]:
         if not os.path.isdir(m):
             raise NamespaceUnavailable(f"{m} is not a directory")

@@ -134,6 +134,7 @@ def test_refused_unshare_raises_and_leaves_this_process_alone(tmp_path, monkeypa
     refusing = SimpleNamespace(unshare=lambda _flags: -1, mount=SimpleNamespace())
     monkeypatch.setattr(privatetmp.ctypes, "CDLL", lambda *_args, **_kwargs: refusing)
     monkeypatch.setattr(privatetmp.ctypes, "get_errno", lambda: errno.EPERM)
+    monkeypatch.setattr(privatetmp, "_threads", lambda: 1)  # other tests' threads may linger
     top = prepare(str(tmp_path / "slurm"), "100", "0", MOUNTS)
     userns = os.readlink("/proc/self/ns/user"), os.readlink("/proc/self/ns/mnt")
     with pytest.raises(NamespaceUnavailable, match=r"unshare.*Operation not permitted"):
