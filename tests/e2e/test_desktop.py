@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import websocket  # websocket-client
 
 from .browser import CHROMIUM_ARGS, VENV, chromium_path, free_port
 from .cluster import PROG, as_user, procs_of, start, state_dir, uid, user_env, wait_clean
@@ -181,16 +182,34 @@ def everyones_command_lines() -> list[str]:
 
 
 def wait_for_lab(desk: Desktop, port: int, timeout: float = 90) -> dict:
-    """The chromium tab showing JupyterLab from 127.0.0.1:port (the session's tunnel)."""
+    """The chromium tab showing JupyterLab from 127.0.0.1:port (the session's tunnel), once its
+    launcher is drawn (asked through DevTools: the page's title comes long before)."""
     deadline = time.monotonic() + timeout
     while True:
         for tab in desk.tabs():
-            if tab["url"].startswith(f"http://127.0.0.1:{port}/lab") and "JupyterLab" in tab.get(
-                "title", ""
-            ):
+            if tab["url"].startswith(f"http://127.0.0.1:{port}/lab") and drawn(tab):
                 return tab
         assert time.monotonic() < deadline, f"no JupyterLab tab: {desk.tabs()}"
         time.sleep(0.5)
+
+
+def drawn(tab: dict) -> bool:
+    """JupyterLab's launcher cards are on the page (DevTools' Runtime.evaluate)."""
+    expression = "document.querySelectorAll('.jp-LauncherCard').length > 0"
+    try:
+        ws = websocket.create_connection(tab["webSocketDebuggerUrl"], timeout=10)
+    except (OSError, websocket.WebSocketException):
+        return False
+    try:
+        params = {"expression": expression, "returnByValue": True}
+        ws.send(json.dumps({"id": 1, "method": "Runtime.evaluate", "params": params}))
+        while (answer := json.loads(ws.recv())).get("id") != 1:
+            pass
+        return answer.get("result", {}).get("result", {}).get("value") is True
+    except (OSError, websocket.WebSocketException, ValueError):
+        return False
+    finally:
+        ws.close()
 
 
 def assert_opened_without_the_token(desk: Desktop, token: str) -> None:

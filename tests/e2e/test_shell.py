@@ -85,8 +85,8 @@ def _serve_from_the_shell(s: Session, node_port: int, text: str) -> None:
     """A server started in the shell on c1, in the background, serving who.txt = ``text``."""
     _run_in_shell(
         s,
-        f"mkdir -p ~/served-{node_port} && echo {text} > ~/served-{node_port}/who.txt && "
-        f"(python3 -m http.server {node_port} --bind 127.0.0.1 --directory ~/served-{node_port}"
+        f"mkdir -p /tmp/served-{node_port} && echo {text} > /tmp/served-{node_port}/who.txt && "
+        f"(python3 -m http.server {node_port} --bind 127.0.0.1 --directory /tmp/served-{node_port}"
         f" </dev/null >/dev/null 2>&1 &) && echo started-$((1+{node_port}))",
         rf"started-{node_port + 1}",
     )
