@@ -1162,14 +1162,17 @@ PEERS_NOTES = [
     "port closed, no job of the user in squeue, no process of the user on the login host or the "
     "node; files left = new files or directories of the user in their home and /tmp, once all is "
     "gone (~/.ipython and ~/.npm aside: any Jupyter kernel or JupyterLab makes them)",
-    "controller RPCs while pending: not measured side by side (time); both other tools wait in a "
-    "plain srun, which blocks on the controller's allocation reply and sends no polling RPCs",
+    "controller RPCs while pending: one window per tool (the floor table's length), the job "
+    "waiting on a dependency on another benchmark user's job, counted by slurmctld for the user",
 ]
 
 
 # Files any Jupyter leaves in a home, whatever started it: the kernel's IPython profile, npm's logs
 # of JupyterLab's build check. Not counted as a tool's leftovers.
 ANY_JUPYTER = re.compile(r"/home/[^/]+/(\.ipython|\.npm)(/|$)")
+
+
+GENERIC = re.compile(r"(?<=jupyter-)[0-9a-f]{8}(?=\.log)|(?<=[-_.])[0-9][0-9T-]*[0-9]")
 
 
 def has_token(path: str, token: str) -> bool:
@@ -1316,6 +1319,53 @@ class Peers:
                     (os.rmdir if os.path.isdir(path) else os.unlink)(path)
             profile.unlink(missing_ok=True)
 
+    def pending_rpc(self, kind: str, window: float) -> None:
+        """Controller RPCs per second of the user while the job waits on a dependency on another
+        benchmark user's job: the same blocker and the same count (sdiag) for all three."""
+        user, blocker_user = PEER_USERS[kind], "bench12"
+        self.bench.clean(user, blocker_user)
+        profile = Path(f"/home/{user}/.bash_profile")
+        if kind == "forward":
+            profile.write_text("export PATH=/opt/spunnel/venv/bin:$PATH\n")
+            shutil.chown(profile, user, user)
+        before = user_files(user)
+        sub = C.as_user(
+            blocker_user,
+            ["sbatch", "--parsable", "-o", "/dev/null", "-J", "bench-blocker", "--mem", "100",
+             "-t", "10", "--wrap", "sleep 600"],
+            timeout=30,
+        )  # fmt: skip
+        dep = f"--dependency=afterany:{int(sub.stdout.strip().split(';')[0])}"
+        srun = f"srun {dep} -N1 -n1 {' '.join(JOB_ARGS)}"
+        argv = {
+            "ours": [PROG, *JOB_ARGS, "--", dep],
+            "hand": ["sh", "-c", f"exec {srun} {JUPYTER} lab --no-browser --ip=127.0.0.1 "
+                     f"--port={9000 + secrets.randbelow(900)} > jupyter-pending.log 2>&1"],
+            "forward": [str(FORWARD), "--port", str(free_port()), "--launch-command", srun,
+                        LOGIN_SSHD],
+        }[kind]  # fmt: skip
+        proc = popen_as(user, argv, COLUMNS="300", BROWSER="true")
+        out = Output(proc)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(line.split()[1] == "PENDING" for line in C.squeue(user)):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{kind}: no pending job; output:\n{out.text()[-2000:]}")
+                time.sleep(0.1)
+            time.sleep(2.5)  # past the start-up queries, as for the floor table's figure
+            counts = rpc_counts()
+            time.sleep(window)
+            rate = (rpc_counts().get(user, 0) - counts.get(user, 0)) / window
+            self.bench.add(f"peer_{kind}_rpc_pending_per_s", rate)
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            self.bench.clean(user, blocker_user)
+            for path in sorted(user_files(user) - before, key=len, reverse=True):
+                with contextlib.suppress(OSError):
+                    (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+            profile.unlink(missing_ok=True)
+
     def start_ours(self, user: str, procs: list[Any], outs: list[Output]) -> tuple[int, str, Any]:
         tool = Tool(user, JOB_ARGS).start()
         assert tool.proc is not None and tool.out is not None
@@ -1412,6 +1462,8 @@ def peers_rows(s: dict[str, list[Any]]) -> list[dict[str, Any]]:
         ("login-side memory while running, PSS of all the user's processes there", "MB",
          "login_mem", "pss_mb"),
         ("processes of the user on the login host while running", "", "login_mem", "processes"),
+        ("Slurm controller RPCs per second while pending (sdiag, this user)", "/s",
+         "rpc_pending_per_s", None),
     ]  # fmt: skip
     rows = []
     for figure, unit, name, key in figures:
@@ -1428,18 +1480,18 @@ def peers_rows(s: dict[str, list[Any]]) -> list[dict[str, Any]]:
     if any(ends.values()):
         left = {}
         for k, runs in ends.items():
-            files = sorted({f for r in runs for f in r.get("files_left", [])})
+            files = sorted({GENERIC.sub("N", f) for r in runs for f in r.get("files_left", [])})
+            per_run = stats([len(r.get("files_left", [])) for r in runs])
             gone = sum(r["all"] is not None for r in runs)
             text = f"{gone}/{len(runs)} runs all gone within 20 s"
-            secret = sorted({f for r in runs for f in r.get("files_with_token", [])})
-            text += f"; {len(secret)} with the token in them" + (
-                f" ({', '.join(secret[:6])})" if secret else ""
+            secret = sorted(
+                {GENERIC.sub("N", f) for r in runs for f in r.get("files_with_token", [])}
             )
             if files:
-                text += f"; files left: {len(files)} ({', '.join(files[:6])}"
-                text += ", ...)" if len(files) > 6 else ")"
+                text += f"; files left per run: {count(per_run)}: {', '.join(files)}"
             else:
                 text += "; no new file left in home or /tmp"
+            text += "; with the token in them: " + (", ".join(secret) if secret else "none")
             left[k] = text
         rows.append({"figure": "what is left after Ctrl-C (home and /tmp, new files)", "unit": "",
                      "text": left})  # fmt: skip
@@ -1525,6 +1577,9 @@ def main() -> int:
             order = PEERS[i % 3 :] + PEERS[: i % 3]  # each tool goes first in turn
             for kind in order:
                 bench.attempt(f"{kind} session", peers.session, kind)
+            if i == 0 and "pending" not in skip:
+                for kind in order:
+                    bench.attempt(f"{kind} pending", peers.pending_rpc, kind, window)
     scale = None
     if "scale" not in skip:
         say(f"scale: {n_scale} users at once")
