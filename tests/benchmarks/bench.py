@@ -1572,9 +1572,16 @@ def main() -> int:
             bench.attempt("pending session", bench.pending_session, "bench02", "bench12", w)
     if "peers" not in skip:
         peers = Peers(bench)
+        kinds = PEERS if FORWARD.exists() else PEERS[:2]
+        if not FORWARD.exists():
+            bench.notes.append(
+                f"jupyter-forward not measured: {FORWARD} missing (as root: /usr/bin/python3 "
+                f"-m venv "
+                f"{PEERS_VENV} && {PEERS_VENV}/bin/pip install jupyter-forward==2022.9.10)"
+            )
         for i in range(reps):
             say(f"side by side, round {i + 1}/{reps}")
-            order = PEERS[i % 3 :] + PEERS[: i % 3]  # each tool goes first in turn
+            order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]  # each goes first in turn
             for kind in order:
                 bench.attempt(f"{kind} session", peers.session, kind)
             if i == 0 and "pending" not in skip:
