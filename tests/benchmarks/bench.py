@@ -1126,6 +1126,406 @@ def derived_notes(s: dict[str, list[Any]], costs: dict[str, float]) -> list[str]
     return notes
 
 
+# -- side by side: what users would pick instead (issue 15) ----------------------------------------
+PEERS_VENV = Path("/opt/spunnel/peers-venv")
+FORWARD = PEERS_VENV / "bin" / "jupyter-forward"
+JUPYTER = "/opt/spunnel/venv/bin/jupyter"  # the cluster's Python environment, on the node
+LOGIN_SSHD = "127.0.0.1:2222"  # the test cluster's login sshd (tests/cluster/up.sh)
+HAND_POLL_S = 1.0  # the by-hand user (or a site's wrapper script) looks at the log once a second
+PEERS = ("ours", "hand", "forward")
+PEER_USERS = {"ours": "bench07", "hand": "bench08", "forward": "bench09"}
+PEER_NAMES = {
+    "ours": "spunnel-notebook",
+    "hand": "by hand (srun + ssh -L)",
+    "forward": "jupyter-forward",
+}
+PEERS_NOTES = [
+    "spunnel-notebook: `spunnel-notebook -p interact --mem 500`, Ctrl-C = SIGINT to the command "
+    "(as in the floor table below)",
+    "by hand: `srun -N1 -n1 -p interact --mem 500 jupyter lab --no-browser --ip=127.0.0.1 "
+    "--port=N > LOG 2>&1` (Jupyter on the node's loopback, so that only the ssh tunnel reaches it; "
+    "`--ip=<node>` would open it to every host of the cluster, token only), the user reads the URL "
+    "and token from LOG once a second (a person, or a site's wrapper script polling with "
+    "`sleep 1`; the median wait is half of that), then `ssh -N -L P:127.0.0.1:N c1` from the "
+    "login host; Ctrl-C = SIGINT to ssh's process group, then twice to srun's (0.2 s apart: srun "
+    "and Jupyter each ask for a second one), with no human delay between the terminals",
+    'jupyter-forward 2022.9.10: `jupyter-forward --port P --launch-command "srun -N1 -n1 -p '
+    "interact --mem 500\" 127.0.0.1:2222` (the login sshd), its README's Slurm use; the user's "
+    "~/.bash_profile puts /opt/spunnel/venv/bin on PATH (no conda on the cluster). The latest "
+    "release, 2025.1.16, cannot run without a conda env: after `which jupyter` succeeds it says "
+    "'Could not activate environment' and exits 1 before submitting anything "
+    "(tests/benchmarks/results/peers-jupyter-forward-2025.1.16.txt). Its URL is printed 3 s after "
+    "the forward is set up (a fixed sleep in its code); Ctrl-C = SIGINT to its process group",
+    "the same checks for all three: login-side memory = every process of the user in the login "
+    "host's network namespace (the node's processes excluded; sshd's root-owned privileged "
+    "process for jupyter-forward's connection not counted); gone = the commands exited, the local "
+    "port closed, no job of the user in squeue, no process of the user on the login host or the "
+    "node; files left = new files or directories of the user in their home and /tmp, once all is "
+    "gone (~/.ipython and ~/.npm aside: any Jupyter kernel or JupyterLab makes them)",
+    "controller RPCs while pending: one window per tool (the floor table's length), the job "
+    "waiting on a dependency on another benchmark user's job, counted by slurmctld for the user",
+]
+
+
+# Files any Jupyter leaves in a home, whatever started it: the kernel's IPython profile, npm's logs
+# of JupyterLab's build check. Not counted as a tool's leftovers.
+ANY_JUPYTER = re.compile(r"/home/[^/]+/(\.ipython|\.npm)(/|$)")
+
+
+GENERIC = re.compile(r"(?<=jupyter-)[0-9a-f]{8}(?=\.log)|(?<=[-_.])[0-9][0-9T-]*[0-9]")
+
+
+def has_token(path: str, token: str) -> bool:
+    with contextlib.suppress(OSError):
+        if os.path.isfile(path) and not os.path.islink(path):
+            return token.encode() in Path(path).read_bytes()[: 1 << 20]
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def login_netns() -> str:
+    return os.readlink("/proc/self/ns/net")  # the benchmark runs on the login host
+
+
+def login_procs(user: str) -> list[int]:
+    """The user's processes on the login host (the node's share this /proc, in c1's network
+    namespace)."""
+    ns, found = login_netns(), []
+    for pid, _ in C.procs_of(user):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/ns/net") == ns:
+                found.append(pid)
+    return found
+
+
+def user_files(user: str) -> set[str]:
+    """Every file and directory of the user in their home and in /tmp (the 100 MB file aside)."""
+    owner, found = C.uid(user), set()
+    for root in (Path(f"/home/{user}"), Path("/tmp")):
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in [*dirnames, *filenames]:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_uid == owner and not path.endswith(BIG_FILE):
+                        found.add(path)
+            if root == Path("/tmp"):
+                dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) in found]
+    return found
+
+
+def peer_gone(user: str, port: int, procs: list[subprocess.Popen[bytes]], t0: float,
+              timeout: float = 20) -> dict[str, Any]:  # fmt: skip
+    """Seconds after ``t0`` at which each part was first seen gone, the same checks for every tool:
+    the commands the user started, the local port, the user's jobs in squeue, every process of the
+    user (login host and node)."""
+    checks = {
+        "commands": lambda: all(p.poll() is not None for p in procs),
+        "tunnel": lambda: port_closed(port),
+        "job": lambda: not C.squeue(user),
+        "processes": lambda: not C.procs_of(user),
+    }
+    seen: dict[str, float] = {}
+    deadline = t0 + timeout
+    while len(seen) < len(checks) and time.monotonic() < deadline:
+        for name, check in checks.items():
+            if name not in seen and check():
+                seen[name] = time.monotonic() - t0
+        time.sleep(0.003)
+    left = sorted(set(checks) - set(seen))
+    detail = []
+    if "job" in left:
+        detail += [f"job in squeue: {line}" for line in C.squeue(user)]
+    if "processes" in left:
+        detail += [f"process: {cmd[:100]}" for _, cmd in C.procs_of(user)]
+    return {**seen, "all": max(seen.values()) if not left else None, "left": left,
+            "left_detail": detail}  # fmt: skip
+
+
+def answering(port: int, token: str, timeout: float = 30) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            if http_get(port, token) == 200:
+                return time.monotonic()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"127.0.0.1:{port} does not answer")
+        time.sleep(0.005)
+
+
+class Peers:
+    """spunnel-notebook, the by-hand recipe and jupyter-forward, one session each per round, each
+    as its own benchmark user, measured the same way."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+
+    def session(self, kind: str) -> None:
+        user = PEER_USERS[kind]
+        self.bench.clean(user)
+        profile = Path(f"/home/{user}/.bash_profile")
+        if kind == "forward":
+            # jupyter-forward runs `jupyter` from the login shell's PATH (its README: a conda env or
+            # a module); the cluster's environment is a venv, so the user's profile puts it there.
+            profile.write_text("export PATH=/opt/spunnel/venv/bin:$PATH\n")
+            shutil.chown(profile, user, user)
+        before = user_files(user)
+        procs: list[subprocess.Popen[bytes]] = []
+        outs: list[Output] = []
+        try:
+            start = {"ours": self.start_ours, "hand": self.start_hand,
+                     "forward": self.start_forward}[kind]  # fmt: skip
+            t0 = time.monotonic()
+            port, token, stop = start(user, procs, outs)
+            self.bench.add(f"peer_{kind}_url_s", time.monotonic() - t0)
+            mem = [memory(pid) for pid in login_procs(user)]
+            self.bench.add(
+                f"peer_{kind}_login_mem",
+                {
+                    "rss_mb": sum(m["rss_mb"] for m in mem),
+                    "pss_mb": sum(m["pss_mb"] for m in mem),
+                    "processes": len(mem),
+                },
+            )
+            self.bench.add(
+                f"peer_{kind}_rtt",
+                json_as(user, [VENV_PY, str(HELPER), "rtt", "--port", str(port)], 120,
+                        BENCH_TOKEN=token),
+            )  # fmt: skip
+            t1 = time.monotonic()
+            stop()
+            gone = peer_gone(user, port, procs, t1)
+            time.sleep(0.2)
+            left = sorted(f for f in user_files(user) - before if not ANY_JUPYTER.search(f))
+            gone["files_left"] = left
+            gone["files_with_token"] = [f for f in left if has_token(f, token)]
+            self.bench.add(f"peer_{kind}_end", gone)
+        except Exception:
+            for out in outs:
+                say(f"{kind} session of {user} failed; output:\n{out.text()[-3000:]}")
+            raise
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    with contextlib.suppress(OSError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+            self.bench.clean(user)
+            for path in sorted(user_files(user) - before, key=len, reverse=True):
+                with contextlib.suppress(OSError):
+                    (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+            profile.unlink(missing_ok=True)
+
+    def pending_rpc(self, kind: str, window: float) -> None:
+        """Controller RPCs per second of the user while the job waits on a dependency on another
+        benchmark user's job: the same blocker and the same count (sdiag) for all three."""
+        user, blocker_user = PEER_USERS[kind], "bench12"
+        self.bench.clean(user, blocker_user)
+        profile = Path(f"/home/{user}/.bash_profile")
+        if kind == "forward":
+            profile.write_text("export PATH=/opt/spunnel/venv/bin:$PATH\n")
+            shutil.chown(profile, user, user)
+        before = user_files(user)
+        sub = C.as_user(
+            blocker_user,
+            ["sbatch", "--parsable", "-o", "/dev/null", "-J", "bench-blocker", "--mem", "100",
+             "-t", "10", "--wrap", "sleep 600"],
+            timeout=30,
+        )  # fmt: skip
+        dep = f"--dependency=afterany:{int(sub.stdout.strip().split(';')[0])}"
+        srun = f"srun {dep} -N1 -n1 {' '.join(JOB_ARGS)}"
+        argv = {
+            "ours": [PROG, *JOB_ARGS, "--", dep],
+            "hand": ["sh", "-c", f"exec {srun} {JUPYTER} lab --no-browser --ip=127.0.0.1 "
+                     f"--port={9000 + secrets.randbelow(900)} > jupyter-pending.log 2>&1"],
+            "forward": [str(FORWARD), "--port", str(free_port()), "--launch-command", srun,
+                        LOGIN_SSHD],
+        }[kind]  # fmt: skip
+        proc = popen_as(user, argv, COLUMNS="300", BROWSER="true")
+        out = Output(proc)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(line.split()[1] == "PENDING" for line in C.squeue(user)):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{kind}: no pending job; output:\n{out.text()[-2000:]}")
+                time.sleep(0.1)
+            time.sleep(2.5)  # past the start-up queries, as for the floor table's figure
+            counts = rpc_counts()
+            time.sleep(window)
+            rate = (rpc_counts().get(user, 0) - counts.get(user, 0)) / window
+            self.bench.add(f"peer_{kind}_rpc_pending_per_s", rate)
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            self.bench.clean(user, blocker_user)
+            for path in sorted(user_files(user) - before, key=len, reverse=True):
+                with contextlib.suppress(OSError):
+                    (os.rmdir if os.path.isdir(path) else os.unlink)(path)
+            profile.unlink(missing_ok=True)
+
+    def start_ours(self, user: str, procs: list[Any], outs: list[Output]) -> tuple[int, str, Any]:
+        tool = Tool(user, JOB_ARGS).start()
+        assert tool.proc is not None and tool.out is not None
+        procs.append(tool.proc)
+        outs.append(tool.out)
+        tool.wait_url()
+
+        def stop() -> None:
+            assert tool.proc is not None
+            tool.proc.send_signal(signal.SIGINT)  # as the rest of this benchmark does
+
+        return tool.port, tool.token(), stop
+
+    def start_hand(self, user: str, procs: list[Any], outs: list[Output]) -> tuple[int, str, Any]:
+        """The recipe HPC sites document: srun Jupyter on the node's loopback, read the URL from
+        its log, ssh -N -L from the login host to the node, open localhost."""
+        node_port = 9000 + secrets.randbelow(900)
+        log = f"jupyter-{secrets.token_hex(4)}.log"
+        srun = popen_as(
+            user,
+            ["sh", "-c", f"exec srun -N1 -n1 {' '.join(JOB_ARGS)} {JUPYTER} lab --no-browser "
+             f"--ip=127.0.0.1 --port={node_port} > {log} 2>&1"],
+        )  # fmt: skip
+        procs.append(srun)
+        url = re.compile(r"http://127\.0\.0\.1:(\d+)/lab\?token=([0-9a-f]+)")
+        deadline = time.monotonic() + 120
+        while True:  # the user looks at the log once a second
+            time.sleep(HAND_POLL_S)
+            with contextlib.suppress(OSError):
+                if m := url.search(Path(f"/home/{user}/{log}").read_text(errors="replace")):
+                    break
+            if time.monotonic() > deadline or srun.poll() is not None:
+                raise RuntimeError(f"no URL in the by-hand Jupyter's log (srun {srun.poll()})")
+        node_port, token = int(m.group(1)), m.group(2)
+        port = free_port()
+        ssh = popen_as(
+            user,
+            ["ssh", "-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes",
+             "-L", f"{port}:127.0.0.1:{node_port}", "c1"],
+        )  # fmt: skip
+        procs.append(ssh)
+        outs.append(Output(ssh))
+        answering(port, token)
+
+        def stop() -> None:  # Ctrl-C in each terminal: first ssh's, then srun's (twice, as
+            os.killpg(ssh.pid, signal.SIGINT)  # srun and Jupyter both ask for it)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                ssh.wait(10)
+            os.killpg(srun.pid, signal.SIGINT)
+            time.sleep(0.2)
+            with contextlib.suppress(OSError):
+                os.killpg(srun.pid, signal.SIGINT)
+
+        return port, token, stop
+
+    def start_forward(
+        self, user: str, procs: list[Any], outs: list[Output]
+    ) -> tuple[int, str, Any]:
+        """jupyter-forward as its README shows for Slurm: --launch-command "srun ...", through the
+        login host's sshd."""
+        port = free_port()
+        argv = [str(FORWARD), "--port", str(port), "--launch-command",
+                f"srun -N1 -n1 {' '.join(JOB_ARGS)}", LOGIN_SSHD]  # fmt: skip
+        proc = popen_as(user, argv, COLUMNS="300", BROWSER="true")
+        procs.append(proc)
+        out = Output(proc)
+        outs.append(out)
+        _, _, m = out.wait(r"http://localhost:\d+/\?token=([0-9a-f]+)", 120)
+        answering(port, m.group(1))
+
+        def stop() -> None:  # Ctrl-C in its terminal
+            os.killpg(proc.pid, signal.SIGINT)
+
+        return port, m.group(1), stop
+
+
+def peers_rows(s: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """One row per figure, one column per tool, and the ratio of spunnel-notebook to each."""
+
+    def col(name: str, key: str | None = None) -> list[Any]:
+        return [x[key] if key else x for x in s.get(name, []) if (x[key] if key else x) is not None]
+
+    figures = [
+        ("command -> URL answering through the tunnel", "s", "url_s", None),
+        ("Ctrl-C -> command(s) exited, port closed, job gone, no process of the user left", "s",
+         "end", "all"),
+        ("HTTP round trip (GET /api/status, kept-alive connection)", "s", "rtt",
+         "http_keepalive_s"),
+        ("HTTP round trip, new connection each", "s", "rtt", "http_new_connection_s"),
+        ("kernel execute round trip (websocket, `pass` until idle)", "s", "rtt",
+         "kernel_execute_s"),
+        ("login-side memory while running, RSS of all the user's processes there", "MB",
+         "login_mem", "rss_mb"),
+        ("login-side memory while running, PSS of all the user's processes there", "MB",
+         "login_mem", "pss_mb"),
+        ("processes of the user on the login host while running", "", "login_mem", "processes"),
+        ("Slurm controller RPCs per second while pending (sdiag, this user)", "/s",
+         "rpc_pending_per_s", None),
+    ]  # fmt: skip
+    rows = []
+    for figure, unit, name, key in figures:
+        values = {k: stats(col(f"peer_{k}_{name}", key)) for k in PEERS}
+        if not any(v["n"] for v in values.values()):
+            continue
+        ratios = {
+            k: values["ours"]["median"] / values[k]["median"]
+            for k in PEERS[1:]
+            if values["ours"]["n"] and values[k]["n"] and values[k]["median"]
+        }
+        rows.append({"figure": figure, "unit": unit, "values": values, "ratios": ratios})
+    ends = {k: col(f"peer_{k}_end") for k in PEERS}
+    if any(ends.values()):
+        left = {}
+        for k, runs in ends.items():
+            files = sorted({GENERIC.sub("N", f) for r in runs for f in r.get("files_left", [])})
+            per_run = stats([len(r.get("files_left", [])) for r in runs])
+            gone = sum(r["all"] is not None for r in runs)
+            text = f"{gone}/{len(runs)} runs all gone within 20 s"
+            secret = sorted(
+                {GENERIC.sub("N", f) for r in runs for f in r.get("files_with_token", [])}
+            )
+            if files:
+                text += f"; files left per run: {count(per_run)}: {', '.join(files)}"
+            else:
+                text += "; no new file left in home or /tmp"
+            text += "; with the token in them: " + (", ".join(secret) if secret else "none")
+            left[k] = text
+        rows.append({"figure": "what is left after Ctrl-C (home and /tmp, new files)", "unit": "",
+                     "text": left})  # fmt: skip
+    return rows
+
+
+def peers_table(rows: list[dict[str, Any]]) -> str:
+    names = [PEER_NAMES[k] for k in PEERS]
+    lines = [
+        "| figure | "
+        + " | ".join(names)
+        + " | spunnel-notebook / "
+        + " | spunnel-notebook / ".join(names[1:])
+        + " |",
+        "|---|" + "---|" * (len(names) * 2 - 1),
+    ]
+    for r in rows:
+        if "text" in r:
+            cells = [r["text"].get(k, "") for k in PEERS] + [""] * (len(PEERS) - 1)
+        else:
+            unit = r["unit"]
+            cells = [fmt(r["values"][k], unit) if unit else count(r["values"][k]) for k in PEERS]
+            cells += [f"{r['ratios'][k]:.2f}x" if k in r["ratios"] else "" for k in PEERS[1:]]
+        lines.append(f"| {r['figure']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def count(v: dict[str, Any]) -> str:
+    if not v.get("n"):
+        return ""
+    text = f"{v['median']:g}"
+    return text + (f" ({v['min']:g}-{v['max']:g}, n={v['n']})" if v["n"] > 1 else "")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="3 repetitions, 8 s windows, 4 sessions")
@@ -1133,7 +1533,9 @@ def main() -> int:
     p.add_argument("--scale", type=int, default=0, help="sessions in the scale run (default 10)")
     p.add_argument("--window", type=float, default=0, help="RPC counting window, s (default 20)")
     p.add_argument("--out", default=str(Path(__file__).with_name("results")))
-    p.add_argument("--skip", default="", help="parts to skip, comma-separated: idle,pending,scale")
+    p.add_argument(
+        "--skip", default="", help="parts to skip, comma-separated: idle,pending,scale,peers"
+    )
     opts = p.parse_args()
     reps = opts.reps or (3 if opts.quick else 5)
     n_scale = opts.scale or (4 if opts.quick else 10)
@@ -1168,6 +1570,23 @@ def main() -> int:
             say(f"pending, then running, round {i + 1}/{reps}")
             w = window if i == 0 else 0
             bench.attempt("pending session", bench.pending_session, "bench02", "bench12", w)
+    if "peers" not in skip:
+        peers = Peers(bench)
+        kinds = PEERS if FORWARD.exists() else PEERS[:2]
+        if not FORWARD.exists():
+            bench.notes.append(
+                f"jupyter-forward not measured: {FORWARD} missing (as root: /usr/bin/python3 "
+                f"-m venv "
+                f"{PEERS_VENV} && {PEERS_VENV}/bin/pip install jupyter-forward==2022.9.10)"
+            )
+        for i in range(reps):
+            say(f"side by side, round {i + 1}/{reps}")
+            order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]  # each goes first in turn
+            for kind in order:
+                bench.attempt(f"{kind} session", peers.session, kind)
+            if i == 0 and "pending" not in skip:
+                for kind in order:
+                    bench.attempt(f"{kind} pending", peers.pending_rpc, kind, window)
     scale = None
     if "scale" not in skip:
         say(f"scale: {n_scale} users at once")
@@ -1194,7 +1613,12 @@ def main() -> int:
             "the session's user"
         )
     notes = list(dict.fromkeys(bench.notes + derived_notes(bench.samples, costs)))
-    text = f"{header}\n\n{table(rows)}\n" + "".join(f"\n- {n}" for n in notes) + "\n"
+    side = peers_rows(bench.samples)
+    text = f"{header}\n\n"
+    if side:
+        text += f"Side by side (each tool's own user, interleaved rounds):\n\n{peers_table(side)}\n"
+        text += "".join(f"\n- {n}" for n in PEERS_NOTES) + "\n\nAgainst the floors:\n\n"
+    text += f"{table(rows)}\n" + "".join(f"\n- {n}" for n in notes) + "\n"
     print(text)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1203,6 +1627,7 @@ def main() -> int:
         "machine": info,
         "options": {"reps": reps, "scale": n_scale, "window_s": window, "quick": opts.quick},
         "rows": rows,
+        "side_by_side": side,
         "samples": bench.samples,
         "scale": scale,
         "rpc_costs": costs,
