@@ -33,7 +33,14 @@ from spunnel_jupyter.privatetmp import (
 ROOT = Path(__file__).resolve().parents[2]
 OTHER = 4242  # a uid with no account: "another user", or the job's user under setpriv
 MOUNTS = ["/var/tmp", "/tmp"]
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown and setpriv")
+# The suite runs as root (tests/run.sh): a precondition missing is a failure, never a skip.
+root_only = pytest.mark.usefixtures("as_root")
+
+
+@pytest.fixture
+def as_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root (chown, setpriv), as tests/run.sh runs it", pytrace=False)
 
 
 def owner_and_mode(path: Path) -> tuple[int, int]:
@@ -172,7 +179,6 @@ def test_detect_names_the_site_mechanisms(monkeypatch):
         assert privatetmp.detect_site_private_tmp() == said
 
 
-@pytest.mark.skipif(os.path.ismount("/tmp"), reason="/tmp is a mount of its own here")
 def test_detect_says_none_here():
     assert privatetmp.detect_site_private_tmp() is None
 
@@ -199,7 +205,15 @@ def userns_for(uid: int) -> bool:
     return as_user(uid, ["unshare", "--user", "true"]).returncode == 0
 
 
-real = pytest.mark.skipif(not userns_for(OTHER), reason="needs root, setpriv, user namespaces")
+real = pytest.mark.usefixtures("user_namespaces")
+
+
+@pytest.fixture(scope="module")
+def user_namespaces() -> None:
+    """Root, setpriv and unprivileged user namespaces, as on the test machines (checked once,
+    when a test needs them, not at import)."""
+    if not userns_for(OTHER):
+        pytest.fail("needs root, setpriv and unprivileged user namespaces", pytrace=False)
 
 
 @pytest.fixture
