@@ -302,6 +302,21 @@ def http_get(port: int, token: str, path: str = "/api/status") -> int:
         conn.close()
 
 
+def first_seen(
+    checks: dict[str, Any], t0: float, timeout: float
+) -> tuple[dict[str, float], list[str]]:
+    """Seconds after ``t0`` (monotonic) at which each check first held, polled every 3 ms until
+    all did or ``timeout``; and the names of those that never did."""
+    seen: dict[str, float] = {}
+    deadline = t0 + timeout
+    while len(seen) < len(checks) and time.monotonic() < deadline:
+        for name, check in checks.items():
+            if name not in seen and check():
+                seen[name] = time.monotonic() - t0
+        time.sleep(0.003)
+    return seen, sorted(set(checks) - set(seen))
+
+
 def wait_gone(
     user: str,
     port: int | None,
@@ -319,14 +334,7 @@ def wait_gone(
         "processes": lambda: not our_procs(user),
         "runtime_dir": lambda: not runtime_dirs(user),
     }
-    seen: dict[str, float] = {}
-    deadline = t0 + timeout
-    while len(seen) < len(checks) and time.monotonic() < deadline:
-        for name, check in checks.items():
-            if name not in seen and check():
-                seen[name] = time.monotonic() - t0
-        time.sleep(0.003)
-    left = sorted(set(checks) - set(seen))
+    seen, left = first_seen(checks, t0, timeout)
     return {**seen, "all": max(seen.values()) if not left else None, "left": left}
 
 
@@ -1229,14 +1237,7 @@ def peer_gone(user: str, port: int, procs: list[subprocess.Popen[bytes]], t0: fl
         "job": lambda: not C.squeue(user),
         "processes": lambda: not C.procs_of(user),
     }
-    seen: dict[str, float] = {}
-    deadline = t0 + timeout
-    while len(seen) < len(checks) and time.monotonic() < deadline:
-        for name, check in checks.items():
-            if name not in seen and check():
-                seen[name] = time.monotonic() - t0
-        time.sleep(0.003)
-    left = sorted(set(checks) - set(seen))
+    seen, left = first_seen(checks, t0, timeout)
     detail = []
     if "job" in left:
         detail += [f"job in squeue: {line}" for line in C.squeue(user)]
