@@ -5,9 +5,11 @@ the terminal says what was saved and how long it took."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .browser import CHROMIUM_ARGS, chromium_path
@@ -15,7 +17,7 @@ from .cluster import PROG, Session, as_user, site_config, start, state_dir, wait
 from .jupyter_client_util import rest
 
 try:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import Page, sync_playwright
 except ImportError as e:  # a missing dependency is a failure, not a skip
     raise ImportError(f"{e}: install the project's [test] extra (tests/cluster/up.sh does)") from e
 
@@ -27,10 +29,26 @@ EMPTY = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs"
          "nbformat": 4, "nbformat_minor": 5}  # fmt: skip
 
 
-def put_empty_notebook(s: Session) -> None:
+@contextlib.contextmanager
+def notebook_page(s: Session, console: list[str] | None = None) -> Iterator[Page]:
+    """An empty notebook put on the node, opened in chromium through the session's tunnel (the
+    page's console and websockets recorded in ``console``, if given); the browser closed after."""
     code, _ = rest(s.port, s.token, "PUT", f"/api/contents/{NOTEBOOK}",
                    {"type": "notebook", "format": "json", "content": EMPTY})  # fmt: skip
     assert code in (200, 201)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            if console is not None:
+                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+                page.on(
+                    "websocket", lambda ws: console.append(f"websocket: {ws.url.split('?')[0]}")
+                )
+            page.goto(f"http://127.0.0.1:{s.port}/lab/tree/{NOTEBOOK}?token={s.token}")
+            yield page
+        finally:
+            browser.close()
 
 
 def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
@@ -39,15 +57,9 @@ def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
     s = start("alice", "-t", "2", env_path=site)
     try:
         s.wait_ready()
-        put_empty_notebook(s)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            console: list[str] = []
-            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-            page.on("websocket", lambda ws: console.append(f"websocket: {ws.url.split('?')[0]}"))
-            try:
-                page.goto(f"http://127.0.0.1:{s.port}/lab/tree/{NOTEBOOK}?token={s.token}")
+        console: list[str] = []
+        try:
+            with notebook_page(s, console) as page:
                 page.locator(".jp-Notebook .jp-Cell .cm-content").first.wait_for(timeout=60_000)
                 warning = page.get_by_text(re.compile(r"Jupyter stops in .*time limit"))
                 warning.first.wait_for(timeout=30_000)  # 2 minutes ahead: due at once
@@ -62,9 +74,8 @@ def test_the_node_lab_warns_and_a_stop_saves_the_unsaved_edit(artifacts: Path):
                 assert "never saved by hand" not in on_disk.read_text()
                 stopped = as_user("alice", [PROG, "stop"], timeout=60)
                 assert stopped.returncode == 0, stopped
-            finally:
-                (artifacts / "node-lab-console.log").write_text("\n".join(console) + "\n")
-                browser.close()
+        finally:
+            (artifacts / "node-lab-console.log").write_text("\n".join(console) + "\n")
         assert s.finish() == 0, s.output
     finally:
         s.close()
@@ -91,37 +102,30 @@ def test_the_time_limit_is_warned_twice_and_the_edit_saved_before_the_job_ends(a
     s = start("alice", "-t", "3", env_path=site)
     try:
         s.wait_ready()
-        put_empty_notebook(s)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            try:
-                page.goto(f"http://127.0.0.1:{s.port}/lab/tree/{NOTEBOOK}?token={s.token}")
-                cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
-                cell.wait_for(timeout=60_000)
-                cell.click()
-                page.keyboard.type("edited = 'typed before the time limit, never saved'")
-                page.locator(".lm-TabBar-tab.jp-mod-dirty").first.wait_for(timeout=10_000)
-                bell = r"\x07spunnel-notebook: job \d+ reaches its time limit in {}"
-                s.wait_for(bell.format("2 minutes"), timeout=90)
-                warnings = page.get_by_text(re.compile(r"Jupyter stops in .*time limit"))
-                warnings.first.wait_for(timeout=30_000)
-                page.wait_for_timeout(500)
-                page.screenshot(path=str(artifacts / "node-lab-time-limit-2-min.png"))
-                s.wait_for(bell.format("1 minute:"), timeout=90)
-                deadline = time.monotonic() + 30
-                while warnings.count() < 2 and time.monotonic() < deadline:
-                    page.wait_for_timeout(250)
-                assert warnings.count() >= 2, warnings.all_inner_texts()
-                page.screenshot(path=str(artifacts / "node-lab-time-limit-1-min.png"))
-                assert "never saved" not in on_disk.read_text()  # autosave is off
-                end_time = s.record["end_time"]
-                while "never saved" not in on_disk.read_text() and time.time() < end_time + 60:
-                    time.sleep(0.2)
-                saved_at = time.time()  # within 0.2 s of the save
-                code = s.finish(timeout=150)
-            finally:
-                browser.close()
+        with notebook_page(s) as page:
+            cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+            cell.wait_for(timeout=60_000)
+            cell.click()
+            page.keyboard.type("edited = 'typed before the time limit, never saved'")
+            page.locator(".lm-TabBar-tab.jp-mod-dirty").first.wait_for(timeout=10_000)
+            bell = r"\x07spunnel-notebook: job \d+ reaches its time limit in {}"
+            s.wait_for(bell.format("2 minutes"), timeout=90)
+            warnings = page.get_by_text(re.compile(r"Jupyter stops in .*time limit"))
+            warnings.first.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(artifacts / "node-lab-time-limit-2-min.png"))
+            s.wait_for(bell.format("1 minute:"), timeout=90)
+            deadline = time.monotonic() + 30
+            while warnings.count() < 2 and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            assert warnings.count() >= 2, warnings.all_inner_texts()
+            page.screenshot(path=str(artifacts / "node-lab-time-limit-1-min.png"))
+            assert "never saved" not in on_disk.read_text()  # autosave is off
+            end_time = s.record["end_time"]
+            while "never saved" not in on_disk.read_text() and time.time() < end_time + 60:
+                time.sleep(0.2)
+            saved_at = time.time()  # within 0.2 s of the save
+            code = s.finish(timeout=150)
         assert code == 0, s.output
     finally:
         s.close()
