@@ -26,12 +26,15 @@ from .control import send
 from .detached import DetachedJob, choose, detached_jobs, end_detached
 from .errors import NoSession, SessionExists, SpunnelError, UsageError
 from .fields import FIELDS, SessionRequest, build_request
+from .leftovers import clean_leftovers
+from .machine import Phase
 from .passthrough import check_srun_args
-from .protocol import ControlRequest, job_tag
+from .protocol import ControlRequest
+from .pyslurm_backend import SlurmPyslurm
 from .session import Session
 from .settings import SessionSettings
 from .slurm import SlurmCLI
-from .state import CONTROL, LAST, LEFTOVERS, UNCANCELLED, StateDir
+from .state import CONTROL, LAST, StateDir
 from .tunnel import SshTunnel
 
 
@@ -139,15 +142,26 @@ class SpunnelManager(LoggingConfigurable):
     logs_kept = Int(
         5, config=True, help="How many earlier session logs to keep (session.log.1, .2, ...)."
     )
-    slurm_class = Type(
-        SlurmCLI,
-        klass=LoggingConfigurable,
+    slurm_backend = TEnum(
+        ["auto", "cli", "pyslurm"],
+        "auto",
         config=True,
-        help="""The Slurm backend (backend.SlurmBackend): how sessions talk to Slurm. Default:
-        the command-line tools (SlurmCLI).""",
+        help="""How sessions ask Slurm about jobs and partitions, and cancel: 'cli' (scontrol,
+        squeue, sinfo, scancel), 'pyslurm' (its API, in this process; an error where it cannot
+        be used), 'auto' (pyslurm where it imports and was built for this host's Slurm release,
+        else the commands; `spunnel-notebook doctor` says which and why). srun starts the
+        session either way.""",
+    )
+    slurm_class = Type(
+        None,
+        klass=LoggingConfigurable,
+        allow_none=True,
+        config=True,
+        help="A backend of your own (backend.SlurmBackend); when set, slurm_backend is ignored.",
     )
 
     slurm_impl = Instance(LoggingConfigurable)
+    _live: Session | None = None  # the session this manager started, until it ends
     tunnel = Instance(SshTunnel)
 
     @default("login_host")
@@ -156,7 +170,11 @@ class SpunnelManager(LoggingConfigurable):
 
     @default("slurm_impl")
     def _slurm_default(self) -> LoggingConfigurable:
-        return self.slurm_class(parent=self)  # type: ignore[no-any-return]
+        if self.slurm_class is not None:
+            return self.slurm_class(parent=self)  # type: ignore[no-any-return]
+        if self.slurm_backend == "cli":
+            return SlurmCLI(parent=self)
+        return SlurmPyslurm(parent=self, required=self.slurm_backend == "pyslurm")
 
     @property
     def slurm(self) -> SlurmBackend:
@@ -228,25 +246,40 @@ class SpunnelManager(LoggingConfigurable):
         Returns once the session is submitted; ``await session.wait()`` for its end. Raises
         SessionExists, UsageError, SlurmUnavailable, StateError before anything is submitted.
         """
+
+        def changed(session: Session) -> None:
+            if session.phase is Phase.ENDED:
+                self._live = None
+                self.slurm.close()  # pyslurm's worker: nothing of the session outlives it
+            if on_change is not None:
+                on_change(session)
+
         state = self.state()
         if not state.try_lock():
             record = await self._holder(state)
             if not state.try_lock():  # else the start we raced failed: go ahead
                 raise SessionExists(*describe_running(record))
         try:
-            notes = await self.clean_leftovers(state)
+            notes = await clean_leftovers(self.slurm, state)
             self._check_local_ports(req)
             if kind == "attached":
                 job_id = choose(await detached_jobs(self.slurm), job_id, "attach").job_id
             else:
                 await check_against_cluster(self.slurm, req)
-            session = Session(self.session_settings(), req, state, on_change, owner, kind, job_id)
+            session = Session(self.session_settings(), req, state, changed, owner, kind, job_id)
             session.notes.extend(notes)
             await session.launch()
         except BaseException:
+            self.slurm.close()
             state.unlock()
             raise
+        self._live = session
         return session
+
+    def _release_slurm(self) -> None:
+        """After a query outside a session: end pyslurm's worker, unless our session uses it."""
+        if self._live is None:
+            self.slurm.close()
 
     async def _holder(self, state: StateDir) -> dict[str, Any]:
         """The record of the session holding the lock. A start we raced may not have named its
@@ -257,50 +290,6 @@ class SpunnelManager(LoggingConfigurable):
 
         await probes.wait_until(named, timeout=self.stop_timeout, cap=0.05)
         return state.read() or {}
-
-    async def clean_leftovers(self, state: StateDir) -> list[str]:
-        """Remove what a dead supervisor left: its job, ssh master, srun, socket and record.
-
-        Only call with the lock held by us: then nobody else owns these things. Also retries
-        the cancel of a job whose end an earlier teardown could not confirm.
-        """
-        record, uncancelled = state.read(), state.read(UNCANCELLED)
-        notes: list[str] = []
-        if record is None and uncancelled is None:
-            return notes  # the record is written before srun starts and removed last
-        # Jobs this tool submitted from this host; with the lock ours, none has a live owner.
-        tag = job_tag()
-        named = (uncancelled or {}).get("job_id")
-        running = set()
-        for job_id, comment, job_state in await self.slurm.my_jobs():
-            if (comment.startswith(tag) or job_id == named) and job_state.active:
-                await self.slurm.cancel(job_id)
-                notes.append(f"cancelled job {job_id} left by an earlier session")
-            elif job_state.active:
-                running.add(job_id)
-        state.remove(UNCANCELLED)
-        left = record or {}
-        for what in ("ssh", "srun"):
-            pid = left.get(f"{what}_pid")
-            if process.signal_if_alive(pid, left.get(f"{what}_start"), signal.SIGKILL):
-                notes.append(f"stopped a leftover {what} (pid {pid})")
-        # Each --tunnel pair's and runtime forward's socket too (ports.py names them port-SP.sock).
-        pairs = [path.name for path in state.path.glob("port-*.sock")]
-        state.remove(*LEFTOVERS, *pairs)
-        if not notes and record is None:  # only an unconfirmed end to retry: the job ended since
-            job = f"job {named}" if named else "the job"
-            notes.append(f"{job}, whose end an earlier session could not confirm, has ended")
-        elif not notes:
-            pid = left.get("supervisor_pid", "?")
-            notes.append(
-                f"removed the record and sockets of a session whose supervisor died (pid {pid})"
-            )
-        if left.get("kind", "foreground") != "foreground" and left.get("job_id") in running:
-            notes.append(
-                f"job {left['job_id']} (detached) runs on: `spunnel-notebook attach` gets back "
-                "to it, `spunnel-notebook stop` ends it"
-            )
-        return notes
 
     def status(self) -> dict[str, Any] | None:
         """The running session's record, or None. Never touches Slurm: it is instant."""
@@ -316,9 +305,18 @@ class SpunnelManager(LoggingConfigurable):
 
     async def detached(self) -> list[DetachedJob]:
         """This user's detached sessions, started from any login host (from Slurm)."""
-        return await detached_jobs(self.slurm)
+        try:
+            return await detached_jobs(self.slurm)
+        finally:
+            self._release_slurm()
 
     async def stop_running(self, timeout: float | None = None, job_id: int | None = None) -> str:
+        try:
+            return await self._stop_running(timeout, job_id)
+        finally:
+            self._release_slurm()
+
+    async def _stop_running(self, timeout: float | None, job_id: int | None) -> str:
         """Ask the running session (started by any front end) to end, and wait until it has;
         with no session on this host (or ``job_id`` another's), end a detached session."""
         state = self.state()
@@ -329,7 +327,7 @@ class SpunnelManager(LoggingConfigurable):
                 return await self._stop_here(state, timeout)
             return await self._stop_detached(job_id)
         try:  # no session here: clean what a dead one left, holding the lock meanwhile
-            notes = await self.clean_leftovers(state)
+            notes = await clean_leftovers(self.slurm, state)
         finally:
             state.unlock()
         try:
