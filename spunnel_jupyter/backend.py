@@ -1,8 +1,9 @@
 """The Slurm backend seam: what a session needs from Slurm, and the values it speaks in.
 
-``SlurmBackend`` is the interface; ``slurm.SlurmCLI`` (the command-line tools) implements it and is
-the default. ``SpunnelManager.slurm_class`` selects another (a pyslurm one can plug in here without
-touching the session). Job state UNKNOWN means "the controller did not answer", never "ended".
+``SlurmBackend`` is the interface. ``slurm.SlurmCLI`` implements it with Slurm's command-line tools,
+``pyslurm_backend.SlurmPyslurm`` answers the queries through pyslurm instead (and the rest with the
+commands); ``SpunnelManager.slurm_backend`` picks one, ``slurm_class`` plugs in another. Job state
+UNKNOWN means "the controller did not answer", never "ended".
 """
 
 from __future__ import annotations
@@ -186,3 +187,11 @@ class SlurmBackend(Protocol):
 
     def commands(self) -> list[str]:
         """What this backend runs, for `doctor` (SlurmUnavailable if one is missing)."""
+
+    def close(self) -> None:
+        """End what the backend keeps running between calls (pyslurm's worker process); the
+        next call starts it again. The manager calls it when a session ends."""
+
+    async def describe(self) -> str:
+        """Which backend answers the queries, and why, for `doctor` (SlurmUnavailable if the one
+        the site asked for cannot be used)."""

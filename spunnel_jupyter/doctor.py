@@ -59,6 +59,11 @@ async def run_checks(manager: SpunnelManager, allocate: bool) -> list[Check]:
         checks.append(Check("Slurm commands", "FAIL", e.message, e.remedy))
         return checks
     try:
+        checks.append(Check("Slurm backend", "ok", await slurm.describe()))
+    except SpunnelError as e:
+        checks.append(Check("Slurm backend", "FAIL", e.message, e.remedy))
+        return checks
+    try:
         parts = await slurm.partitions()
         default = next((p.name for p in parts if p.default), "none")
         down = [p.name for p in parts if not p.available]

@@ -22,7 +22,7 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _die_with_parent(parent: int, sig: int) -> None:
+def die_with_parent(parent: int, sig: int) -> None:
     """Runs in the child between fork and exec: send us ``sig`` when the parent thread dies."""
     _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before prctl took effect
@@ -47,7 +47,7 @@ async def spawn(
         stderr=stderr,
         env=env,
         start_new_session=True,
-        preexec_fn=lambda: _die_with_parent(parent, death_signal),
+        preexec_fn=lambda: die_with_parent(parent, death_signal),
     )
 
 
@@ -65,7 +65,7 @@ async def spawn_foreground(
         os.setpgid(0, 0)
         os.tcsetpgrp(tty, os.getpgrp())
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTTOU})
-        _die_with_parent(parent, death_signal)
+        die_with_parent(parent, death_signal)
 
     return await asyncio.create_subprocess_exec(
         *argv, stdin=None, stdout=None, stderr=None, env=env, preexec_fn=in_child

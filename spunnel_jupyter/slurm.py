@@ -280,6 +280,12 @@ class SlurmCLI(LoggingConfigurable):
     def classify_error(self, text: str) -> SpunnelError:
         return classify_error(text)
 
+    async def describe(self) -> str:
+        return "Slurm's commands (cli)"
+
+    def close(self) -> None:
+        pass  # every query is a process of its own, ended when it answers
+
     def commands(self) -> list[str]:
         names = ("srun", "sbatch", "scontrol", "squeue", "sinfo", "scancel")
         return [self.command(name) for name in names]

@@ -35,12 +35,14 @@ from . import common
 FAKES = Path(__file__).resolve().parent
 REPO = FAKES.parents[1]
 BIN = FAKES / "bin"
+PYLIB = FAKES / "pylib"  # the fake pyslurm
 FAKE_JUPYTER = FAKES / "fake_jupyter.py"
 ACTIVE = common.ACTIVE
 
 
 class FakeCluster:
-    def __init__(self, monkeypatch: Any) -> None:
+    def __init__(self, monkeypatch: Any, backend: str = "cli") -> None:
+        self.backend = backend  # SpunnelManager.slurm_backend: "cli", or "pyslurm" (the fake one)
         self.root = Path(tempfile.mkdtemp(prefix="sj.", dir="/tmp"))
         self.slurm_dir = self.root / "s"
         self.state_dir = self.root / "st"
@@ -58,9 +60,13 @@ class FakeCluster:
         monkeypatch.setenv("FAKE_SLURM_DIR", str(self.slurm_dir))
         monkeypatch.setenv("FAKE_PYTHON", sys.executable)
         monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        # The launcher (run by the fake srun) must import this checkout, not an installed copy.
+        # The launcher (run by the fake srun) must import this checkout, not an installed copy;
+        # the pyslurm backend's probe (a child) and this process, the fake pyslurm.
         pythonpath = os.environ.get("PYTHONPATH")
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), pythonpath) if p))
+        first = [str(REPO), *([str(PYLIB)] if backend == "pyslurm" else [])]
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([*first, *filter(None, [pythonpath])]))
+        if backend == "pyslurm":
+            monkeypatch.syspath_prepend(str(PYLIB))
         monkeypatch.delenv("SPUNNEL_STATE_DIR", raising=False)
 
     # -- configuration of the real code ------------------------------------------------------
@@ -80,6 +86,7 @@ class FakeCluster:
             jupyter_stop_grace=1.0,
             pending_poll_interval=0.1,
             refresh_interval=60.0,
+            slurm_backend=self.backend,
         )
         # The node here is this host: a private /tmp would hide the fakes' own state under /tmp
         # from the fake Jupyter; the real wrapper runs anyway, over a scratch directory instead.
@@ -146,6 +153,21 @@ class FakeCluster:
     def calls(self, prog: str | None = None) -> list[dict[str, Any]]:
         """Invocations (with their argv), in order; of ``prog`` only if given."""
         return [r for r in self.log() if "argv" in r and prog in (None, r["prog"])]
+
+    def _pyslurm_calls(self, name: str) -> list[dict[str, Any]]:
+        """pyslurm's calls of ``name`` (e.g. Job.cancel), their argv as the command's would be."""
+        calls = self.calls("pyslurm")
+        return [dict(c, argv=c["argv"][1:]) for c in calls if c["argv"][0] == name]
+
+    def cancels(self) -> list[dict[str, Any]]:
+        """What the login side asked Slurm to cancel or signal: scancel's calls (both backends
+        signal with it), and pyslurm's Job.cancel calls (argv: the job id)."""
+        both = self.calls("scancel") + self._pyslurm_calls("Job.cancel")
+        return sorted(both, key=lambda c: c["t"])
+
+    def job_queries(self) -> list[dict[str, Any]]:
+        """The queries of one job's state: scontrol's, or pyslurm's Job.load."""
+        return self.calls("scontrol") + self._pyslurm_calls("Job.load")
 
     def events(self, event: str | None = None, prog: str | None = None) -> list[dict[str, Any]]:
         return [

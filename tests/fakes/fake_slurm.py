@@ -51,6 +51,7 @@ from common import (
     update_job,
 )
 
+SLURM_VERSION = "25.11.7"  # the fake cluster's release (the switch slurm_version changes it)
 UNREACHABLE = "Unable to contact slurm controller (connect failure)"
 AUTH_ERROR = "Protocol authentication error"
 
@@ -438,6 +439,9 @@ def squeue(argv: list[str]) -> int:
 
 def sinfo(argv: list[str]) -> int:
     log_call("sinfo", argv)
+    if "--version" in argv:  # local: no RPC, answered even with the controller away
+        print(f"slurm {flag('slurm_version') or SLURM_VERSION}")
+        return 0
     time.sleep(float(flag("slurm_delay") or 0))
     if _controller_refuses("sinfo", "slurm_load_partitions: "):
         return 1
@@ -451,31 +455,32 @@ def sinfo(argv: list[str]) -> int:
     return 0
 
 
+def cancel_job(n: int) -> str | None:
+    """What the controller does for a cancel of job ``n`` (scancel, pyslurm's Job.cancel):
+    None, or the error it answers with."""
+    if flag("controller_down") is not None:
+        return UNREACHABLE
+    if flag("munge_down") is not None:
+        return AUTH_ERROR
+    job = read_job(n)
+    if job is None or job.get("purged"):
+        return "Invalid job id specified"
+    if update_job(n, only_if=ACTIVE, state="CANCELLED", end_time=time.time()) is None:
+        return "Job/step already completing or completed"
+    if job["state"] == "RUNNING" and alive(job.get("task_pid")):
+        # slurmd ends the step (its srun, if alive, reports it and kills after KillWait)
+        os.kill(job["task_pid"], signal.SIGTERM)
+    return None
+
+
 def scancel(argv: list[str]) -> int:
     log_call("scancel", argv)
     time.sleep(float(flag("slurm_delay") or 0))
-    ids = [int(a) for a in argv if a.isdigit()]
-    if flag("controller_down") is not None:
-        for n in ids:
-            eprint(f"scancel: error: Kill job error on job id {n}: {UNREACHABLE}")
-        return 1
-    if munge_down("scancel"):
-        for n in ids:
-            eprint(f"scancel: error: Kill job error on job id {n}: {AUTH_ERROR}")
-        return 1
     code = 0
-    for n in ids:
-        job = read_job(n)
-        if job is None or job.get("purged"):
-            eprint(f"scancel: error: Kill job error on job id {n}: Invalid job id specified")
+    for n in (int(a) for a in argv if a.isdigit()):
+        if (error := cancel_job(n)) is not None:
+            eprint(f"scancel: error: Kill job error on job id {n}: {error}")
             code = 1
-        elif update_job(n, only_if=ACTIVE, state="CANCELLED", end_time=time.time()) is None:
-            eprint(f"scancel: error: Kill job error on job id {n}: "
-                   "Job/step already completing or completed")  # fmt: skip
-            code = 1
-        elif job["state"] == "RUNNING" and alive(job.get("task_pid")):
-            # slurmd ends the step (its srun, if alive, reports it and kills after KillWait)
-            os.kill(job["task_pid"], signal.SIGTERM)
     return code
 
 

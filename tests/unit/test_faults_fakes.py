@@ -42,9 +42,9 @@ from tests.fakes.cluster import FakeCluster, fetch, until
 UNCANCELLED = "uncancelled.json"
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    cluster = FakeCluster(monkeypatch)
+@pytest.fixture(params=["cli", "pyslurm"])
+def fake(monkeypatch, request):
+    cluster = FakeCluster(monkeypatch, backend=request.param)
     yield cluster
     cluster.close()
 
@@ -166,7 +166,7 @@ def test_an_unconfirmed_end_whose_job_ended_since_is_told_so_by_stop(fake):
     s, said = run(scenario())
     # Not a "record of a session whose supervisor died": there was none, and no supervisor died.
     assert said == f"job {s.job_id}, whose end an earlier session could not confirm, has ended"
-    assert len(fake.calls("scancel")) == 2  # the teardown's, refused; the one above
+    assert len(fake.cancels()) == 2  # the teardown's, refused; the one above
     fake.assert_clean(m)
 
 
@@ -224,9 +224,9 @@ def test_teardown_slurm_cannot_confirm_then_stop_cancels_the_job_holding_the_loc
         assert_told_and_remembered(fake, m, s, took, "controller_down")
         slurm_back(fake, "controller_down")
         fake.switch("slurm_delay", "0.3")  # a slow controller: `stop` is busy for a while
-        before = len(fake.calls("scancel"))
+        before = len(fake.cancels())
         stopping = asyncio.ensure_future(m.stop_running())
-        await until(lambda: len(fake.calls("scancel")) > before, what="stop's scancel")
+        await until(lambda: len(fake.cancels()) > before, what="stop's scancel")
         # A start racing the `stop` that cleans up waits until the cleaning is over (the lock
         # free), then starts, with nothing more to clean: it never runs alongside the cleaning.
         assert not stopping.done() and m.state().is_locked()
@@ -243,7 +243,7 @@ def test_teardown_slurm_cannot_confirm_then_stop_cancels_the_job_holding_the_loc
     assert said == f"cancelled job {s.job_id} left by an earlier session"
     assert notes == []
     assert len(fake.calls("srun")) == 2  # the first session and the start that waited
-    assert [c["argv"] for c in fake.calls("scancel")] == [[str(s.job_id)]] * 2  # teardown, stop
+    assert [c["argv"] for c in fake.cancels()] == [[str(s.job_id)]] * 2  # teardown, stop
     assert fake.job(s.job_id)["state"] == "CANCELLED"
     assert not (fake.state_dir / UNCANCELLED).exists()
     fake.assert_clean(m)
