@@ -34,7 +34,7 @@ from traitlets import Bool
 from . import process
 from .backend import JobInfo, JobState, Partition
 from .errors import SlurmUnavailable, SpunnelError
-from .slurm import SlurmCLI, classify_error
+from .slurm import SlurmCLI, classify_error, unanswered
 
 WORKER = "spunnel_jupyter.pyslurm_worker"
 
@@ -186,7 +186,7 @@ class SlurmPyslurm(SlurmCLI):
         if reply is None:  # no answer in time, or it died: the next call starts a new one
             self.close()
             raise SlurmUnavailable(
-                f"the Slurm controller does not answer (pyslurm: no answer in {self.timeout:g} s)",
+                unanswered(self.timeout),
                 "try again in a minute; if it persists, tell your administrators",
             )
         if "error" in reply:

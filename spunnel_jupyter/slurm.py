@@ -62,6 +62,11 @@ _REJECTIONS = [
 ]
 
 
+def unanswered(timeout: float) -> str:
+    """What the user is told of a controller that did not answer in time (either backend)."""
+    return f"the Slurm controller does not answer (waited {timeout:g} s)"
+
+
 def classify_error(stderr: str) -> SpunnelError:
     """Turn a Slurm command's stderr into the error the user should see."""
     text = " ".join(line.strip() for line in stderr.splitlines() if line.strip())
@@ -119,7 +124,7 @@ class SlurmCLI(LoggingConfigurable):
             result = await process.run(argv, timeout=self.timeout, env=dict(env) if env else None)
         except TimeoutError as e:
             raise SlurmUnavailable(
-                f"the Slurm controller does not answer ({name}: no answer in {self.timeout:g} s)",
+                unanswered(self.timeout),
                 "try again in a minute; if it persists, tell your administrators",
             ) from e
         self.log.debug("%s -> %s %s", " ".join(argv), result.returncode, result.stderr.strip())
