@@ -142,7 +142,7 @@ class SlurmPyslurm(SlurmCLI):
         if importlib.util.find_spec("pyslurm") is None:  # finds it without importing it
             return Choice(False, "pyslurm is not installed in this Python environment")
         local = await process.run([self.command("sinfo"), "--version"], timeout=self.timeout)
-        running = local.stdout.strip().removeprefix("slurm ")
+        running = (local.stdout.split() or [""])[-1]  # "slurm 25.11.7", "slurm-wlm 22.05.8"
         worker, said = await self._start()
         if worker is None:
             return Choice(False, said)

@@ -120,10 +120,22 @@ in_c1() {
 # launch NAME CMD...: start CMD detached (own session, no inherited fds) and record its pid. The commands
 # passed here exec their way to the daemon (nsenter, unshare, sh -c 'exec ...', setpriv), never fork, so $!
 # is the daemon itself.
+# without_inherited_fds CMD...: exec CMD with only stdin, stdout and stderr. A daemon must not keep
+# what this script inherited: a lock held on it (`flock FILE bash up.sh`) would stay held for the
+# daemon's whole life.
+without_inherited_fds() {
+    local fd
+    for fd in /proc/$BASHPID/fd/*; do
+        fd=${fd##*/}
+        ((fd > 2)) && eval "exec $fd>&-" 2>/dev/null
+    done
+    exec "$@"
+}
+
 launch() {
     local name=$1 pid st
     shift
-    setsid "$@" </dev/null >>"$RUN/$name.out" 2>&1 &
+    without_inherited_fds setsid "$@" </dev/null >>"$RUN/$name.out" 2>&1 &
     pid=$!
     st=$(starttime_of "$pid") || die "$name exited at once" "$RUN/$name.out"
     echo "$pid $st" >"$RUN/$name.pid"
