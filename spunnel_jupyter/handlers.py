@@ -43,7 +43,7 @@ class ConfigHandler(SpunnelHandler):
     async def get(self) -> None:
         manager = self.hub.manager
         try:
-            partitions = await manager.slurm.partitions()
+            partitions = await manager.partitions()
         except SpunnelError as e:
             self.fail(e)
             return

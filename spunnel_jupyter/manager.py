@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from traitlets import Bool, Float, Instance, Int, List, Type, Unicode, default
 from traitlets import Enum as TEnum
@@ -19,7 +19,7 @@ from traitlets.config import LoggingConfigurable
 
 from . import probes, process
 from .access import reached_host
-from .backend import SlurmBackend
+from .backend import Partition, SlurmBackend
 from .checks import check_against_cluster
 from .config import PrivateTmp, site_config_key
 from .control import send
@@ -36,6 +36,8 @@ from .settings import SessionSettings
 from .slurm import SlurmCLI
 from .state import CONTROL, LAST, StateDir
 from .tunnel import SshTunnel
+
+T = TypeVar("T")
 
 
 class SpunnelManager(LoggingConfigurable):
@@ -146,11 +148,10 @@ class SpunnelManager(LoggingConfigurable):
         ["auto", "cli", "pyslurm"],
         "auto",
         config=True,
-        help="""How sessions ask Slurm about jobs and partitions, and cancel: 'cli' (scontrol,
-        squeue, sinfo, scancel), 'pyslurm' (its API, in this process; an error where it cannot
-        be used), 'auto' (pyslurm where it imports and was built for this host's Slurm release,
-        else the commands; `spunnel-notebook doctor` says which and why). srun starts the
-        session either way.""",
+        help="""How job and partition queries and cancels reach Slurm: 'cli' (its commands),
+        'pyslurm' (its API, in a worker process; an error where it cannot be used), 'auto'
+        (pyslurm where it loads and was built for this host's Slurm release, else the commands;
+        `spunnel-notebook doctor` says which and why). srun starts sessions either way.""",
     )
     slurm_class = Type(
         None,
@@ -276,10 +277,18 @@ class SpunnelManager(LoggingConfigurable):
         self._live = session
         return session
 
-    def _release_slurm(self) -> None:
-        """After a query outside a session: end pyslurm's worker, unless our session uses it."""
-        if self._live is None:
-            self.slurm.close()
+    async def _outside_session(self, call: Awaitable[T]) -> T:
+        """``await call``, Slurm asked outside a session: pyslurm's worker then ends with it,
+        unless our session uses it."""
+        try:
+            return await call
+        finally:
+            if self._live is None:
+                self.slurm.close()
+
+    async def partitions(self) -> list[Partition]:
+        """The partitions this user can see (the JupyterLab form's choices)."""
+        return await self._outside_session(self.slurm.partitions())
 
     async def _holder(self, state: StateDir) -> dict[str, Any]:
         """The record of the session holding the lock. A start we raced may not have named its
@@ -305,16 +314,10 @@ class SpunnelManager(LoggingConfigurable):
 
     async def detached(self) -> list[DetachedJob]:
         """This user's detached sessions, started from any login host (from Slurm)."""
-        try:
-            return await detached_jobs(self.slurm)
-        finally:
-            self._release_slurm()
+        return await self._outside_session(detached_jobs(self.slurm))
 
     async def stop_running(self, timeout: float | None = None, job_id: int | None = None) -> str:
-        try:
-            return await self._stop_running(timeout, job_id)
-        finally:
-            self._release_slurm()
+        return await self._outside_session(self._stop_running(timeout, job_id))
 
     async def _stop_running(self, timeout: float | None, job_id: int | None) -> str:
         """Ask the running session (started by any front end) to end, and wait until it has;
