@@ -233,8 +233,8 @@ class SlurmPyslurm(SlurmCLI):
             return await super().partitions()
         found = await self._ask("partitions")
         for p in found:
-            limit = p["max_time"]
-            p["max_time"] = None if limit in (None, "UNLIMITED") else int(limit) * 60
+            limit = p["max_time"]  # minutes; None or "UNLIMITED" for none
+            p["max_time"] = limit * 60 if isinstance(limit, int) and limit > 0 else None
         return [Partition(**p) for p in found]
 
 

@@ -42,7 +42,7 @@ def my_jobs(ps: Any, uid: int, node: str) -> list[list[Any]]:
 def partitions(ps: Any) -> list[dict[str, Any]]:
     found = {
         p.name: {"name": p.name, "default": bool(p.is_default), "available": p.state == "UP",
-                 "max_time": p.max_time_limit, "max_mem_mb": 0, "max_cpus": 0, "nodes": 0}
+                 "max_time": p.max_time, "max_mem_mb": 0, "max_cpus": 0, "nodes": 0}
         for p in ps.Partitions.load().values()
         if not p.is_hidden  # as sinfo: a hidden partition is not offered
     }  # fmt: skip

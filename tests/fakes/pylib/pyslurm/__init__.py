@@ -97,7 +97,7 @@ class Partition:
         self.is_hidden = bool(spec.get("hidden"))
         self.state = "UP" if spec["avail"] == "up" else "DOWN"
         limit = common.parse_time_limit(spec["limit"])
-        self.max_time_limit = "UNLIMITED" if limit is None else limit // 60
+        self.max_time = "UNLIMITED" if limit is None else limit // 60
         self.nodes = common.node_name()
 
 
