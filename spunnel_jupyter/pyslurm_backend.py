@@ -114,7 +114,8 @@ class SlurmPyslurm(SlurmCLI):
         try:
             hello = await asyncio.wait_for(asyncio.to_thread(worker.read), self.timeout)
         except TimeoutError:
-            hello = None
+            worker.end()
+            return None, f"pyslurm did not load within {self.timeout:g} s"
         except ValueError:  # not our JSON: something printed on stdout at import
             hello = None
         if hello is None or "version" not in hello:
@@ -123,6 +124,10 @@ class SlurmPyslurm(SlurmCLI):
             why = f"pyslurm does not load here (exit {code}: {worker.said() or 'no output'})"
             worker.end()
             return None, why
+        if self._worker is not None and self._worker.proc.poll() is None:
+            worker.end()  # a call at the same time started one first: keep that one
+            return self._worker, str(hello["version"])
+        self._worker = worker
         return worker, str(hello["version"])
 
     async def choice(self) -> Choice:
@@ -147,11 +152,10 @@ class SlurmPyslurm(SlurmCLI):
         if worker is None:
             return Choice(False, said)
         if not running or release(said) != release(running):
-            worker.end()
+            self.close()
             running = running or "unknown (sinfo --version said nothing)"
             return Choice(False, f"pyslurm {said} is built for Slurm {release(said)}, this "
                                  f"host's is {running}")  # fmt: skip
-        self._worker = worker
         return Choice(True, f"pyslurm {said}, built for this host's Slurm {running}")
 
     async def describe(self) -> str:
@@ -177,7 +181,6 @@ class SlurmPyslurm(SlurmCLI):
                 raise SlurmUnavailable(f"the pyslurm backend stopped working: {said}",
                                        "tell your administrators (or set "
                                        "c.SpunnelManager.slurm_backend = 'cli')")  # fmt: skip
-            self._worker = worker
         try:
             reply = await asyncio.wait_for(asyncio.to_thread(worker.ask, call, list(args)),
                                            self.timeout)  # fmt: skip

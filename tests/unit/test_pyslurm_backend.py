@@ -196,3 +196,15 @@ def test_cli_backend_is_the_command_line(fake):
     slurm = backend(fake, "cli")
     assert type(slurm) is SlurmCLI
     assert run(slurm.describe()) == "Slurm's commands (cli)"
+
+
+def test_calls_at_once_share_one_worker(fake):
+    slurm = backend(fake)
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*(slurm.partitions() for _ in range(4)))
+
+    assert all(len(parts) == 2 for parts in run(together()))
+    assert len(workers(fake)) == 1
+    slurm.close()
+    assert workers(fake) == [] and fake.zombie_children() == []
