@@ -1838,6 +1838,10 @@ def main() -> int:
     skip = set(filter(None, opts.skip.split(",")))
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (bash tests/benchmarks/run.sh)")
+    # Started in the background (`cmd &`, nohup), the benchmark ignores SIGINT and SIGQUIT, and
+    # every tool it starts would inherit that: the peers' Ctrl-C would do nothing. Defaults again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     if not 1 <= n_scale <= 12:
         raise SystemExit("bench: --scale must be 1-12 (users bench01..bench12)")
     C.cluster_env()
