@@ -284,7 +284,7 @@ class Launcher:
             emit("exited", reason="idle", minutes=self.idle_timeout)
         elif not failed:
             emit("exited", reason="jupyter-exit", code=jupyter.returncode)
-        code = jupyter.returncode
+        code = 0 if how == "killed" else jupyter.returncode  # killed on purpose: a clean end
         stopping.cancel()
         await asyncio.wait({relay}, timeout=0.5)
         return 0 if code == 0 else 1

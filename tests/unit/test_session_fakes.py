@@ -404,6 +404,8 @@ def test_scancel_ends_jupyter_at_once_without_waiting_for_its_own_shutdown(fake)
     assert said["signal"] == "SIGTERM" and said["jupyter"] == "killed"
     assert said["save"] == "no-browser"  # the save came first (none to wait for: no browser)
     assert fake.events("exit", prog="jupyter") == []  # killed, not shut down
+    log = (fake.state_dir / "session.log").read_text()
+    assert "task 0: Exited with exit code" not in log  # the launcher ended cleanly (0)
     fake.assert_clean(m)
 
 
