@@ -6,7 +6,8 @@ It creates the private per-job runtime directory ``<base>/spunnel.<JOBID>.<RESTA
 starts Jupyter bound only to a Unix socket inside it, and reports on stdout, over the srun channel,
 one event line (protocol.py) per event: ``started``, ``ready`` (with the socket path), ``exited``
 (with why). When Jupyter exits or the task is signalled (scancel, walltime, srun interrupted) it
-stops Jupyter and every process Jupyter left behind, removes the directory, and exits.
+stops Jupyter and every process Jupyter left behind (at once when Slurm ends the step: nodestop.py),
+removes the directory, and exits.
 
 Inside the node's Jupyter it loads a small server extension of its own (node_extension.py) and the
 JupyterLab plugin ``spunnel-jupyter:node``: the time left, warnings before the time limit, and a
@@ -40,9 +41,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import envkernels, privatetmp, probes, process
+from . import envkernels, privatetmp, probes
 from .dialback import DialBack
 from .nodehold import hold_step
+from .nodestop import end_jupyter, kill_leftovers
 from .notices import Notices
 from .protocol import (
     EVENTS_FILE,
@@ -109,32 +111,6 @@ def _no_nesting(rundir: Path) -> str:
     page = {"disabledExtensions": {"spunnel-jupyter:plugin": True}, NODE_FLAG: True}
     (labconfig / "page_config.json").write_text(json.dumps(page))
     return str(rundir / "config")
-
-
-def _children() -> list[int]:
-    me = str(os.getpid())
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    if f.read().rsplit(b")", 1)[1].split()[1].decode() == me:
-                        pids.append(int(entry))
-    return pids
-
-
-def kill_leftovers() -> None:
-    """SIGKILL every child left (kernels re-parented to us as the subreaper) and reap them."""
-    for _ in range(20):
-        pids = _children()
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
 
 
 class Launcher:
@@ -295,24 +271,20 @@ class Launcher:
             noticing.cancel()
             if self.signal_name in _SAVE_SIGNALS and jupyter.returncode is None:
                 saving = await notices.save()
-        if jupyter.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(jupyter.pid, signal.SIGTERM)
-            await process.stop(jupyter, grace=self.stop_grace)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(jupyter.pid, signal.SIGKILL)  # whatever Jupyter started in its group
+        how = await end_jupyter(jupyter, self.signal_name, self.stop_grace)  # nodestop.py
         if listening is not None:
             listening.cancel()
         await dialer.cancel()
+        kill_leftovers()  # kernels (sessions of their own) would hold Jupyter's output open
         if self.signal_name:
-            emit("exited", reason="signal", signal=self.signal_name, **saving)
+            emit("exited", reason="signal", signal=self.signal_name, jupyter=how, **saving)
         elif self.failure:
             emit("exited", reason="tunnel-error", message=self.failure)
         elif self.idled and jupyter.returncode == 0:
             emit("exited", reason="idle", minutes=self.idle_timeout)
         elif not failed:
             emit("exited", reason="jupyter-exit", code=jupyter.returncode)
-        code = jupyter.returncode
+        code = 0 if how == "killed" else jupyter.returncode  # killed on purpose: a clean end
         stopping.cancel()
         await asyncio.wait({relay}, timeout=0.5)
         return 0 if code == 0 else 1

@@ -15,7 +15,13 @@ home, as a user would run them. Floors are measured in the same run, interleaved
 - teardown: scancel alone until the job leaves squeue (the floor job above, Jupyter running);
 - CLI wall time: `python -c pass` with the same interpreter;
 - round trips and bulk download: the same client run on the node in the job (srun --overlap) against
-  Jupyter's Unix socket, instead of through the tunnel on the login host.
+  Jupyter's Unix socket, instead of through the tunnel on the login host;
+- the owner check per accepted connection: the same relay with the check taken out (local
+  connections through it, alternating), and the netlink query alone;
+- `attach` on the second login host (login2, tests/cluster/login2.sh): `attach` on this one.
+
+With a browser: chromium (Playwright, /usr/bin/chromium) shows a notebook through the tunnel with an
+edit never saved, and Ctrl-C times the save before the stop (the launcher's own figure).
 
 The token is read from the session record as root and handed to clients in their environment; it is
 never printed (tool output is shown only with the token masked).
@@ -39,6 +45,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -268,6 +275,11 @@ def our_procs(user: str) -> list[str]:
     return [cmd for _, cmd in C.procs_of(user) if OURS.search(cmd)]
 
 
+def polled(user: str) -> bool:
+    """The node's JupyterLab of the user's session asked for its notice (a browser is there)."""
+    return any((d / "browser-polled").exists() for d in runtime_dirs(user))
+
+
 def runtime_dirs(user: str) -> list[Path]:
     owner = C.uid(user)
     found = []
@@ -345,6 +357,35 @@ def save_phase(user: str) -> dict[str, Any]:
     exits = re.findall(r'@spunnel (\{"event": "exited".*\})', log)
     said = json.loads(exits[-1]) if exits else {}
     return {"save": said.get("save", "none"), "save_s": float(said.get("save_s") or 0.0)}
+
+
+# Asks from login2 until 127.0.0.1:PORT there answers (PORT and the token on stdin); prints when.
+_PROBE = """
+import http.client, sys, time
+port, token = sys.stdin.readline().split()
+deadline = time.monotonic() + 30
+while True:
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", int(port), timeout=5)
+        c.request("GET", "/api/status", headers={"Authorization": "token " + token})
+        if c.getresponse().status == 200:
+            break
+    except (OSError, http.client.HTTPException):
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("127.0.0.1:" + port + " does not answer on login2")
+    time.sleep(0.005)
+print(time.time())
+"""
+SAVE_NOTEBOOK = "bench-save.ipynb"
+SAVE_EDIT = "typed, never saved by hand"
+EMPTY_NOTEBOOK = {
+    "cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [],
+               "execution_count": None}],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                "language": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}  # fmt: skip
 
 
 # -- one session of the tool -----------------------------------------------------------------------
@@ -594,6 +635,107 @@ class Bench:
                 raise RuntimeError(f"stop failed: {mask(stopped.stdout + stopped.stderr)}")
             self.add("stop_detached", gone)
         finally:
+            self.clean(user)
+
+    def attach_elsewhere(self, user: str) -> None:
+        """`--detach` on this login host, then `attach` on the second one (login2 of
+        tests/cluster/login2.sh: its own network namespace and /tmp, as tests/e2e/
+        test_login2_attach.py uses it) until the URL answers there, asked from there; then Ctrl-C
+        (detaches) and `stop` on this host."""
+        from tests.e2e import hosts
+
+        hosts.login2_env()  # up and healthy, or a clear failure
+        hosts.force_clean_everywhere(user)
+        done = C.as_user(user, [PROG, "--detach", *JOB_ARGS], timeout=120)
+        if done.returncode != 0 or not URL_RE.search(done.stdout):
+            raise RuntimeError(f"--detach failed: {mask(done.stdout + done.stderr)[-500:]}")
+        # Started first, waiting on stdin for the port and token: its start-up is not counted.
+        probe = hosts.popen_on("login2", user, [VENV_PY, "-c", _PROBE], stdin=subprocess.PIPE,
+                               stderr=subprocess.PIPE)  # fmt: skip
+        attach: subprocess.Popen[bytes] | None = None
+        try:
+            t0_epoch = time.time()
+            attach = hosts.popen_on("login2", user, [PROG, "attach"])
+            out = Output(attach)
+            _, _, m = out.wait(URL_RE.pattern, 120)
+            token = re.search(r"token=([0-9a-f]+)", m.group(0)).group(1)  # type: ignore[union-attr]
+            answered, err = probe.communicate(f"{m.group(1)} {token}\n".encode(), timeout=60)
+            if probe.returncode != 0:
+                raise RuntimeError(f"the URL does not answer on login2: {err.decode()[-300:]}")
+            self.add("attach_login2_s", float(answered.split()[-1]) - t0_epoch)
+            attach.send_signal(signal.SIGINT)  # detaches: the job runs on
+            if attach.wait(30) != 0:
+                raise RuntimeError(f"attach on login2 ended badly: {mask(out.text())[-500:]}")
+            stopped = C.as_user(user, [PROG, "stop"], timeout=60)
+            if stopped.returncode != 0:
+                raise RuntimeError(f"stop failed: {mask(stopped.stdout + stopped.stderr)}")
+        finally:
+            for proc in (probe, attach):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            hosts.force_clean_everywhere(user)
+
+    def save_with_browser(self, user: str) -> None:
+        """Chromium (Playwright, Debian's /usr/bin/chromium, as tests/e2e/browser.py) shows a
+        notebook through the tunnel, with an edit typed and never saved; Ctrl-C: the save before
+        the stop, as the launcher timed it, and everything gone."""
+        from playwright.sync_api import sync_playwright
+
+        from tests.e2e.browser import CHROMIUM_ARGS, chromium_path
+        from tests.e2e.jupyter_client_util import rest
+
+        self.clean(user)
+        on_disk = Path(f"/home/{user}/{SAVE_NOTEBOOK}")
+        tool = Tool(user, JOB_ARGS).start()
+        try:
+            tool.wait_url()
+            token, job = tool.token(), int(tool.record["job_id"])
+            code, _ = rest(
+                tool.port,
+                token,
+                "PUT",
+                f"/api/contents/{SAVE_NOTEBOOK}",
+                {"type": "notebook", "format": "json", "content": EMPTY_NOTEBOOK},
+            )
+            if code not in (200, 201):
+                raise RuntimeError(f"PUT of the notebook: {code}")
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 800})
+                    page.goto(
+                        f"http://127.0.0.1:{tool.port}/lab/tree/{SAVE_NOTEBOOK}?token={token}"
+                    )
+                    cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+                    cell.wait_for(timeout=60_000)
+                    cell.click()
+                    page.keyboard.type(f"edited = '{SAVE_EDIT}'")
+                    page.locator(".lm-TabBar-tab.jp-mod-dirty").first.wait_for(timeout=10_000)
+                    deadline = time.monotonic() + 15
+                    while not polled(user):  # the launcher saves only for a browser it heard
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the node's JupyterLab never asked for its notice")
+                        time.sleep(0.05)
+                    if SAVE_EDIT in on_disk.read_text():
+                        raise RuntimeError("the edit was saved before the stop")
+                    assert tool.proc is not None
+                    t1 = time.monotonic()
+                    tool.proc.send_signal(signal.SIGINT)
+                    gone = wait_gone(user, tool.port, [job], t1, proc=tool.proc)
+                finally:
+                    browser.close()
+            gone.update(save_phase(user))
+            gone["edit_on_disk"] = SAVE_EDIT in on_disk.read_text()
+            self.add("save_browser", gone)
+        except Exception:
+            said = mask(tool.out.text()) if tool.out else ""
+            say(f"session of {user} failed; its output:\n{said}")
+            raise
+        finally:
+            if tool.proc and tool.proc.poll() is None:
+                tool.proc.kill()
+            on_disk.unlink(missing_ok=True)
             self.clean(user)
 
     def cli_times(self, user: str, reps: int = 5) -> None:
@@ -986,14 +1128,34 @@ def summarize(s: dict[str, list[Any]], scale: dict[str, Any] | None) -> list[dic
         kinds = sorted(set(col("end_ctrl-c", "save")))
         ctrl_c["result"] += (
             f"; of which the save before it: {statistics.median(saves) * 1000:.0f} ms "
-            f"({', '.join(kinds)}: no browser in the benchmark; with one, tests/e2e/test_node_lab)"
+            f"({', '.join(kinds)}: no browser here; with one, the next row)"
         )
+    browser = s.get("save_browser", [])
+    if browser:
+        saved = sum(bool(r.get("save") == "saved" and r.get("edit_on_disk")) for r in browser)
+        gone = stats(col("save_browser", "all"))
+        row(
+            "Ctrl-C with chromium showing a notebook through the tunnel, one edit never saved "
+            "-> the save before the stop (the launcher's own timing)",
+            "s", stats(col("save_browser", "save_s")),
+            [{"what": "its bound, save_grace: 2 s (spent only while a browser is connected)"}],
+            "(reported)",
+            f"{saved}/{len(browser)} runs: the edit on disk; Ctrl-C -> everything gone: "
+            + fmt(gone, "s"),
+        )  # fmt: skip
     for key, what in (
         ("detach_prompt_s", "`--detach` -> prompt back, URL printed and answering"),
         ("attach_s", "`attach` after the login side's supervisor was killed -> URL answering"),
     ):
         row(what, "s", stats(col(key)), [start_floor | {"what": "srun starting Jupyter"}],
             "(reported)")  # fmt: skip
+    attached = stats(col("attach_s"))
+    row(
+        "`attach` on another login host (login2) to a session started with `--detach` on this "
+        "one -> URL answering there", "s", stats(col("attach_login2_s")),
+        [attached | {"what": "`attach` on the same host, supervisor killed (above)"}]
+        if attached["n"] else [], "(reported)",
+    )  # fmt: skip
     values = col("stop_detached", "all")
     if values:
         row("`stop` of a detached session -> job gone, tunnel closed, lock free, nothing left",
@@ -1048,6 +1210,22 @@ def summarize(s: dict[str, list[Any]], scale: dict[str, Any] | None) -> list[dic
                 + (f" ({t['median'] / ssh['median']:.2f}x of ssh alone)" if ssh["n"] else ""),
                 ratio <= 1.3,
             )
+    owner = s.get("owner_check", [])
+    if owner:
+        o = owner[-1]
+        extra = stats(o["extra_us"])
+        row(
+            "owner check per accepted connection (one netlink sock_diag query), timed in the "
+            f"supervisor's relay; {o['n']} loopback connections a run to it and as many to the "
+            "same relay without the check, in turn (each: connect, 1 byte there and back, close)",
+            "µs", stats(o["check_us"]),
+            [stats(o["with_us"]) | {"what": "a whole connection with the check"},
+             stats(o["without_us"]) | {"what": "without it"},
+             stats([o["query_us"]]) | {"what": "the query alone, 5000 in a loop (hot)"}],
+            "(reported)",
+            f"with - without: {fmt(extra, 'µs')} a connection, once per connection (not per "
+            "request); round trips with it on: every tunnel figure of both tables",
+        )  # fmt: skip
     t, d = stats(col("download_tunnel", "mb_per_s")), stats(col("download_direct", "mb_per_s"))
     if t["n"] and d["n"]:
         ratio = t["median"] / d["median"]
@@ -1134,6 +1312,121 @@ def derived_notes(s: dict[str, list[Any]], costs: dict[str, float]) -> list[str]
     return notes
 
 
+# -- the owner check's cost per accepted connection (relay.py + peers.py) -------------------------
+# The upstream end of the relay (the ssh master's -L socket in a session): a one-thread echo server
+# in a process of its own, so that only the relay's thread runs in the benchmark's process.
+_ECHO = """
+import os, selectors, socket, sys
+path = sys.argv[1]
+server = socket.socket(socket.AF_UNIX)
+server.bind(path)
+server.listen(512)
+sel = selectors.DefaultSelector()
+sel.register(server, selectors.EVENT_READ)
+print("listening", flush=True)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is server:
+            conn, _ = server.accept()
+            sel.register(conn, selectors.EVENT_READ)
+            continue
+        data = key.fileobj.recv(4096)
+        if data:
+            key.fileobj.sendall(data)
+        else:
+            sel.unregister(key.fileobj)
+            key.fileobj.close()
+"""
+# The client, in a process of its own too: N connections one after the other, each connect, one
+# byte there and back through the relay, close; the seconds each took, as JSON.
+_CONNECT = """
+import json, socket, sys, time
+ports, n = [int(p) for p in sys.argv[1].split(",")], int(sys.argv[2])
+took = {p: [] for p in ports}
+for i in range(n * len(ports)):
+    port = ports[i % len(ports)]
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(b"x")
+        assert c.recv(1) == b"x"
+    took[port].append(time.perf_counter() - t0)
+print(json.dumps([took[p] for p in ports]))
+"""
+
+
+def owner_check_cost(rounds: int, n: int = 1000) -> dict[str, Any]:
+    """Per accepted connection: a Relay (the supervisor's, this checkout's) with its owner check
+    and the same Relay with the check taken out, both running, the client's connections going to
+    one and the other in turn (so that both see the same moment of a shared machine); ``rounds``
+    runs of ``n`` connections to each. And the sock_diag query alone, timed in a loop."""
+    from spunnel_jupyter.peers import PeerOwner
+    from spunnel_jupyter.relay import Relay
+
+    class Unchecked(Relay):
+        def _owned(self, client: socket.socket, peer: tuple[str, int]) -> bool:
+            return True
+
+    spent: list[float] = []
+
+    class Timed(Relay):  # the check itself, timed where it runs (the relay's thread, per accept)
+        def _owned(self, client: socket.socket, peer: tuple[str, int]) -> bool:
+            t0 = time.perf_counter()
+            try:
+                return super()._owned(client, peer)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-owner-"))
+    target = str(work / "upstream.sock")
+    echo = subprocess.Popen([VENV_PY, "-c", _ECHO, target], stdout=subprocess.PIPE)
+    out: dict[str, Any] = {"with_us": [], "without_us": [], "extra_us": [], "check_us": [],
+                           "n": n}  # fmt: skip
+    try:
+        assert echo.stdout is not None and echo.stdout.readline().strip() == b"listening"
+        for r in range(rounds):
+            relays = [Timed(free_port(), target), Unchecked(free_port(), target)]
+            spent.clear()
+            order = relays if r % 2 == 0 else relays[::-1]  # which goes first, in turn
+            try:
+                ports = ",".join(str(relay.port) for relay in order)
+                done = subprocess.run(
+                    [VENV_PY, "-c", _CONNECT, ports, str(n)],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=True,
+                )
+            finally:
+                for relay in relays:
+                    relay.close()
+            took = dict(zip([id(x) for x in order], json.loads(done.stdout)))
+            checked, unchecked = (statistics.median(took[id(x)]) * 1e6 for x in relays)
+            out["with_us"].append(checked)
+            out["without_us"].append(unchecked)
+            out["extra_us"].append(checked - unchecked)
+            out["check_us"].append(statistics.median(spent) * 1e6)
+        # the query alone: the kernel's answer for an established loopback connection
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            local = listener.getsockname()
+            with socket.create_connection(local):
+                accepted, peer = listener.accept()
+                with accepted:
+                    owner = PeerOwner()
+                    try:
+                        owner.uid(peer, local)
+                        t0 = time.perf_counter()
+                        for _ in range(5000):
+                            owner.uid(peer, local)
+                        out["query_us"] = (time.perf_counter() - t0) / 5000 * 1e6
+                    finally:
+                        owner.close()
+    finally:
+        echo.kill()
+        echo.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 # -- side by side: what users would pick instead (issue 15) ----------------------------------------
 PEERS_VENV = Path("/opt/spunnel/peers-venv")
 FORWARD = PEERS_VENV / "bin" / "jupyter-forward"
@@ -1170,8 +1463,6 @@ PEERS_NOTES = [
     "port closed, no job of the user in squeue, no process of the user on the login host or the "
     "node; files left = new files or directories of the user in their home and /tmp, once all is "
     "gone (~/.ipython and ~/.npm aside: any Jupyter kernel or JupyterLab makes them)",
-    "controller RPCs while pending: one window per tool (the floor table's length), the job "
-    "waiting on a dependency on another benchmark user's job, counted by slurmctld for the user",
 ]
 
 
@@ -1535,15 +1826,22 @@ def main() -> int:
     p.add_argument("--window", type=float, default=0, help="RPC counting window, s (default 20)")
     p.add_argument("--out", default=str(Path(__file__).with_name("results")))
     p.add_argument(
-        "--skip", default="", help="parts to skip, comma-separated: idle,pending,scale,peers"
+        "--skip",
+        default="",
+        help="parts to skip, comma-separated: idle,pending,scale,peers; of idle's: login2,browser",
     )
     opts = p.parse_args()
     reps = opts.reps or (3 if opts.quick else 5)
     n_scale = opts.scale or (4 if opts.quick else 10)
     window = opts.window or (8.0 if opts.quick else 20.0)
+    peer_window = min(window, 10.0)  # side by side: one such window per tool and round
     skip = set(filter(None, opts.skip.split(",")))
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (bash tests/benchmarks/run.sh)")
+    # Started in the background (`cmd &`, nohup), the benchmark ignores SIGINT and SIGQUIT, and
+    # every tool it starts would inherit that: the peers' Ctrl-C would do nothing. Defaults again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     if not 1 <= n_scale <= 12:
         raise SystemExit("bench: --scale must be 1-12 (users bench01..bench12)")
     C.cluster_env()
@@ -1565,6 +1863,12 @@ def main() -> int:
             bench.attempt("session", bench.tool_session, "bench01", "scancel", False)
             bench.attempt("detached session", bench.detached_session, "bench04")
             bench.attempt("session", bench.without_private_tmp, "bench05")
+            if "login2" not in skip:
+                bench.attempt("attach on login2", bench.attach_elsewhere, "bench10")
+            if "browser" not in skip:
+                bench.attempt("save with a browser", bench.save_with_browser, "bench11")
+        say("owner check: relay with and without it")
+        bench.add("owner_check", bench.attempt("owner check", owner_check_cost, reps, 1000))
     if "pending" not in skip:
         costs = bench.attempt("RPC costs", bench.rpc_costs, "bench06")
         for i in range(reps):
@@ -1585,9 +1889,11 @@ def main() -> int:
             order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]  # each goes first in turn
             for kind in order:
                 bench.attempt(f"{kind} session", peers.session, kind)
-            if i == 0 and "pending" not in skip:
+            if "pending" not in skip:  # one window per tool in every round
+                t = time.monotonic()
                 for kind in order:
-                    bench.attempt(f"{kind} pending", peers.pending_rpc, kind, window)
+                    bench.attempt(f"{kind} pending", peers.pending_rpc, kind, peer_window)
+                bench.add("peer_rpc_cost_s", time.monotonic() - t)
     scale = None
     if "scale" not in skip:
         say(f"scale: {n_scale} users at once")
@@ -1618,7 +1924,15 @@ def main() -> int:
     text = f"{header}\n\n"
     if side:
         text += f"Side by side (each tool's own user, interleaved rounds):\n\n{peers_table(side)}\n"
-        text += "".join(f"\n- {n}" for n in PEERS_NOTES) + "\n\nAgainst the floors:\n\n"
+        peer_notes = PEERS_NOTES[:]
+        if costs_rpc := bench.samples.get("peer_rpc_cost_s"):
+            peer_notes.append(
+                f"controller RPCs while pending: one {peer_window:g} s window per tool in each "
+                f"round ({len(costs_rpc)} per tool), the job waiting on a dependency on another "
+                "benchmark user's job, counted by slurmctld for the user; these windows cost "
+                f"{sum(costs_rpc):.0f} s of the run"
+            )
+        text += "".join(f"\n- {n}" for n in peer_notes) + "\n\nAgainst the floors:\n\n"
     text += f"{table(rows)}\n" + "".join(f"\n- {n}" for n in notes) + "\n"
     print(text)
     out = Path(opts.out)

@@ -468,8 +468,11 @@ def cancel_job(n: int) -> str | None:
     if update_job(n, only_if=ACTIVE, state="CANCELLED", end_time=time.time()) is None:
         return "Job/step already completing or completed"
     if job["state"] == "RUNNING" and alive(job.get("task_pid")):
-        # slurmd ends the step (its srun, if alive, reports it and kills after KillWait)
-        os.kill(job["task_pid"], signal.SIGTERM)
+        # slurmd ends the step: SIGTERM to every process of it (proctrack: the task and all it
+        # started, whatever their session); its srun, if alive, reports it and kills after KillWait
+        for pid in [job["task_pid"], *_descendants(job["task_pid"])]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
     return None
 
 
@@ -482,6 +485,23 @@ def scancel(argv: list[str]) -> int:
             eprint(f"scancel: error: Kill job error on job id {n}: {error}")
             code = 1
     return code
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process started by ``root``, directly or not (the step's processes, here)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 COMMANDS = {"srun": srun, "scontrol": scontrol, "squeue": squeue, "sinfo": sinfo,

@@ -101,7 +101,8 @@ def test_followers_get_the_token_and_every_event_and_end_with_the_launcher(node)
             assert [e["event"] for e in said[1:]] == ["started", "ready", "exited"]
             assert said[1]["detached"] is True and said[1]["runtime_dir"] == str(d)
             assert said[-1] == {"event": "exited", "reason": "signal", "signal": "SIGUSR1",
-                                "save": "no-browser", "save_s": 0.0, "saved": 0}  # fmt: skip
+                                "jupyter": "stopped", "save": "no-browser", "save_s": 0.0,
+                                "saved": 0}  # fmt: skip
             assert token.encode() not in err  # Jupyter's log comes masked
     finally:
         launcher.kill()

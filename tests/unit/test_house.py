@@ -263,7 +263,7 @@ def test_no_import_cycles_and_no_module_over_400_lines():
 
 NODE_SIDE = (
     "launcher", "follow", "dialback", "rundir", "protocol", "probes", "process", "errors",
-    "notices", "privatetmp", "nodehold", "envkernels",
+    "notices", "privatetmp", "nodehold", "envkernels", "nodestop",
 )  # fmt: skip
 
 

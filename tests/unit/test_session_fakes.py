@@ -10,6 +10,7 @@ session's phase, job_id, node, url, notes, tunnel_state, request_stop and wait.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -371,6 +372,57 @@ def test_job_cancelled_elsewhere_while_ready_ends_everything_within_two_seconds(
     assert took < 2.0
     assert fake.job(s.job_id)["state"] == "CANCELLED"
     assert len(fake.cancels()) == 1
+    fake.assert_clean(m)
+
+
+def _node_exit(fake: FakeCluster) -> dict[str, Any]:
+    """The launcher's last event (``exited``), as the session log has it."""
+    log = (fake.state_dir / "session.log").read_text()
+    return json.loads(re.findall(r'@spunnel (\{"event": "exited".*\})', log)[-1])
+
+
+def test_scancel_ends_jupyter_at_once_without_waiting_for_its_own_shutdown(fake):
+    """Slurm ending the step (SIGTERM to each of its processes) ends Jupyter's process group at
+    once once the save is done: its own shutdown (here 5 s, with 10 s of grace) is not waited
+    for, since slurmd only looks again 0.67 s and then 1.67 s after its SIGTERM."""
+    slow = {"jupyter_args": ["--Fake.stop_delay=5"], "jupyter_stop_grace": 10.0}
+    m = SpunnelManager(config=fake.config(SpunnelManager=slow))
+
+    async def scenario():
+        s = await start(m)
+        await ready(s)
+        cancelled_at = time.monotonic()
+        assert fake.scancel(s.job_id).returncode == 0
+        outcome = await s.wait()
+        return s, outcome, time.monotonic() - cancelled_at
+
+    s, outcome, took = run(scenario())
+    assert outcome.reason == f"job {s.job_id} was cancelled (scancel or Slurm)"
+    assert took < 1.0, took
+    said = _node_exit(fake)
+    assert said["signal"] == "SIGTERM" and said["jupyter"] == "killed"
+    assert said["save"] == "no-browser"  # the save came first (none to wait for: no browser)
+    assert fake.events("exit", prog="jupyter") == []  # killed, not shut down
+    log = (fake.state_dir / "session.log").read_text()
+    assert "task 0: Exited with exit code" not in log  # the launcher ended cleanly (0)
+    fake.assert_clean(m)
+
+
+def test_a_stop_still_gives_jupyter_its_own_shutdown(fake):
+    """A stop from the login side (SIGUSR1 through srun) lets Jupyter shut down (its kernels end
+    with a shutdown request), within jupyter_stop_grace."""
+    args = {"jupyter_args": ["--Fake.stop_delay=0.5"]}
+    m = SpunnelManager(config=fake.config(SpunnelManager=args))
+
+    async def scenario():
+        s = await start(m)
+        await ready(s)
+        s.request_stop("stopped by the test", ends_job=True)
+        return await s.wait()
+
+    run(scenario())
+    assert _node_exit(fake)["jupyter"] == "stopped"
+    assert [e["why"] for e in fake.events("exit", prog="jupyter")] == ["stopped"]
     fake.assert_clean(m)
 
 
