@@ -18,6 +18,7 @@ import pytest
 
 from .cluster import (
     as_user,
+    cluster_env,
     leftovers,
     procs_of,
     site_config,
@@ -255,7 +256,11 @@ def test_two_tunnel_pairs_reach_servers_on_the_node(served):
                     group="alice",
                     extra_groups=[],
                     cwd="/home/alice",
-                    env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+                    env={
+                        "PATH": "/usr/local/bin:/usr/bin:/bin",
+                        "HOME": "/home/alice",
+                        "USER": "alice",
+                    },
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -306,7 +311,7 @@ def busy_port():
 @pytest.fixture
 def unreachable_slurm_conf():
     """A slurm.conf (readable by the test users) naming a controller port nobody listens on."""
-    text = Path("/etc/slurm/slurm.conf").read_text()
+    text = Path(cluster_env()["SLURM_CONF"]).read_text()  # the running release's
     lines = [ln for ln in text.splitlines() if not ln.startswith("SlurmctldPort")]
     lines.insert(0, "SlurmctldPort=6999")
     path = Path(tempfile.mkdtemp(prefix="slurm-conf-", dir="/tmp"))
@@ -478,7 +483,7 @@ def test_forwards_added_and_cancelled_at_runtime(served):
             ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",
              "8050", "--bind", "127.0.0.1", "--directory", str(home)],
             user="alice", group="alice", extra_groups=[], cwd="/home/alice",
-            env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         import urllib.request
