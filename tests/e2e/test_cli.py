@@ -348,8 +348,8 @@ def test_bad_input_is_refused_with_one_clear_line_and_submits_nothing(
 ):
     args = [a.replace("BUSY", str(busy_port)) for a in args]
     env = {}
-    if message == "not on PATH":
-        env["PATH"] = "/usr/local/bin"
+    if message == "not on PATH":  # the venv's bin alone: /usr/local/bin has Slurm 25.11's links
+        env["PATH"] = f"{cluster_env()['VENV']}/bin"
     if message == "controller does not answer":
         env["SLURM_CONF"] = unreachable_slurm_conf
     result = as_user("alice", ["spunnel-notebook", "-t", "10", *args], timeout=120, **env)
