@@ -431,7 +431,8 @@ if ! alive slurmd slurmd || ! in_c1 "$(pid_of slurmd)" || ! userns_as_asked || [
 fi
 
 node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null; }
-node_ready() { [[ $(node_state) =~ ^(idle|mix|alloc)$ ]]; }
+# 25.11 marks a node that backfill has planned jobs for with a "-" (mix-, idle-): ready all the same.
+node_ready() { [[ $(node_state) =~ ^(idle|mix|alloc)-?$ ]]; }
 if ! node_ready; then
     # A node that failed registration shows as drain/down with a reason; say it instead of timing out blind.
     deadline=$(($(date +%s) + 30))
@@ -454,7 +455,7 @@ cpus=$(sinfo -h -n "$NODE" -o %c)
 on_node() {
     local user=$1 what=$2 rc=0
     shift 2
-    if [[ $state == alloc ]]; then
+    if [[ $state == alloc* ]]; then
         say "node $NODE fully allocated by running jobs: skipping $what"
         return 2
     fi
