@@ -41,7 +41,11 @@ _NOT_FOR_THE_JOB = ("JUPYTERHUB_", "JPY_", "JUPYTER_TOKEN", "JUPYTER_RUNTIME_DIR
 
 _QUEUED = re.compile(r"srun: job (\d+) queued and waiting for resources")
 _ALLOCATED = re.compile(r"srun: job (\d+) has been allocated resources")
-_SLURM_SAYS = re.compile(r"(srun|slurmstepd)(-[\w.-]+)?: ")
+# Slurm's own lines on srun's stderr: "srun: ...", "slurmstepd: error: *** STEP ... ***" (22.05);
+# 25.11 relays the step's with a timestamp instead: "[2026-12-03T20:11:47.651] error: *** STEP".
+_SLURM_SAYS = re.compile(
+    r"(srun|slurmstepd)(-[\w.-]+)?: |\[\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?\] \w+: "
+)
 
 
 def _how(code: object) -> str:

@@ -26,6 +26,12 @@
 #   SPUNNEL_ADOPT=1            the pam_slurm_adopt variant: PrologFlags=contain, and c1's sshd (PAM service
 #                              sshd-adopt) admits a user only into a job of theirs on c1 (needs cgroup v1).
 #                              Running up.sh without it switches back to the plain cluster.
+#   SPUNNEL_SLURM=25.11        the same cluster on Slurm 25.11.7 (built once from the vendored source into
+#                              /opt/slurm-25.11 by tests/cluster/slurm-25.11.sh, pyslurm 25.11.2 into the venv):
+#                              its daemons, /etc/slurm-25.11, state and spool dirs of its own, and its client
+#                              commands linked into /usr/local/bin (first on every PATH, on c1 and login2 too).
+#                              Without it (or =22.05) Debian's 22.05 again: the links go, its daemons come back.
+#                              Switching cancels every job (state files do not cross releases).
 set -Eeuo pipefail
 
 T0=$(date +%s.%N)
@@ -47,6 +53,7 @@ readonly USERS=(alice bob)
 readonly NODE_CORES=${SPUNNEL_NODE_CORES:-16} # declared, not real: see SlurmdParameters=config_overrides
 readonly ADOPT=${SPUNNEL_ADOPT:-0}
 readonly NODE_USERNS=${SPUNNEL_NODE_USERNS:-1}
+readonly RELEASE=${SPUNNEL_SLURM:-22.05}
 readonly PACKAGES=(slurm-wlm slurmctld slurmd slurm-client libslurm-dev libpam-slurm-adopt munge
     openssh-server openssh-client python3-venv python3-dev iproute2 procps util-linux psmisc curl
     chromium fonts-dejavu-core
@@ -78,6 +85,7 @@ trap '[[ $? -eq 0 ]] || printf "up: FAILED; logs in %s (daemons already started 
 
 [[ $(id -u) -eq 0 ]] || { echo "up: must run as root" >&2; exit 1; }
 [[ $NODE_CORES =~ ^[1-9][0-9]?$ ]] || { echo "up: SPUNNEL_NODE_CORES must be 1-99, not '$NODE_CORES'" >&2; exit 1; }
+[[ $RELEASE == 22.05 || $RELEASE == 25.11 ]] || { echo "up: SPUNNEL_SLURM must be 22.05 or 25.11, not '$RELEASE'" >&2; exit 1; }
 install -d -m 0755 "$RUN" "$ETC"
 : >"$LOG"
 
@@ -198,6 +206,21 @@ if ((${#missing[@]})); then
     quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y "${PACKAGES[@]}"
     say "packages installed in $(elapsed "$T0") s"
 fi
+
+# 1b. The Slurm release. Debian's 22.05 lives in /usr; 25.11 in /opt/slurm-25.11 (built and cached by
+# slurm-25.11.sh), with a configuration, state and spool directories and logs of its own.
+readonly S25=/opt/slurm-25.11
+if [[ $RELEASE == 25.11 ]]; then
+    bash "$REPO/tests/cluster/slurm-25.11.sh" slurm || die "building Slurm 25.11 failed (tests/cluster/slurm-25.11.sh)"
+    SBIN=$S25/sbin SLURM_BIN=$S25/bin SLURM_ETC=/etc/slurm-25.11 SFX=-25.11
+    PAM_ADOPT=$S25/lib/security/pam_slurm_adopt.so
+else
+    SBIN=/usr/sbin SLURM_BIN=/usr/bin SLURM_ETC=/etc/slurm SFX=""
+    PAM_ADOPT=pam_slurm_adopt.so
+fi
+readonly SBIN SLURM_BIN SLURM_ETC SFX PAM_ADOPT
+readonly STATE_DIR=/var/spool/slurmctld$SFX CTLD_LOG=/var/log/slurm/slurmctld$SFX.log
+readonly SLURMD_LOG=/var/log/slurm/slurmd$SFX-$NODE.log
 T_CLUSTER=$(date +%s.%N)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,26 +293,30 @@ if [[ $ADOPT == 1 ]]; then
     prolog_flags="PrologFlags=contain"
 fi
 
-install -d -o slurm -g slurm -m 0755 /var/spool/slurmctld /var/log/slurm
-install -d -o root -g root -m 0755 "/var/spool/slurmd-$NODE"
+# Release differences: 25.11 refuses CryptoType (its daemons stop on it: credentials are CredType now, munge
+# by default) and calls CgroupAutomount defunct (an error in every daemon's log).
+crypto_type="CryptoType=crypto/munge" automount="CgroupAutomount=no"
+[[ $RELEASE == 22.05 ]] || crypto_type="" automount=""
+install -d -o slurm -g slurm -m 0755 "$STATE_DIR" /var/log/slurm
+install -d -o root -g root -m 0755 "/var/spool/slurmd$SFX-$NODE" "$SLURM_ETC"
 slurm_changed=false
-write_if_changed /etc/slurm/slurm.conf 0644 <<EOF && slurm_changed=true
-# Written by tests/cluster/up.sh (spunnel-jupyter test cluster); rewritten on every run.
+write_if_changed "$SLURM_ETC/slurm.conf" 0644 <<EOF && slurm_changed=true
+# Written by tests/cluster/up.sh (spunnel-jupyter test cluster, Slurm $RELEASE); rewritten on every run.
 ClusterName=spunnel
 SlurmctldHost=$LOGIN_HOST($LOGIN_ADDR)
 SlurmUser=slurm
 AuthType=auth/munge
-CryptoType=crypto/munge
+$crypto_type
 MpiDefault=none
 SwitchType=switch/none
 $plugins
 $prolog_flags
-StateSaveLocation=/var/spool/slurmctld
+StateSaveLocation=$STATE_DIR
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdSpoolDir=/var/spool/slurmd-%n
+SlurmctldLogFile=$CTLD_LOG
+SlurmdSpoolDir=/var/spool/slurmd$SFX-%n
 SlurmdPidFile=/run/slurmd-%n.pid
-SlurmdLogFile=/var/log/slurm/slurmd-%n.log
+SlurmdLogFile=/var/log/slurm/slurmd$SFX-%n.log
 # The node declares more cores than this machine has, so that many one-CPU jobs can run at once.
 SlurmdParameters=config_overrides
 SelectType=select/cons_tres
@@ -314,30 +341,77 @@ NodeName=$NODE NodeAddr=$NODE_ADDR Sockets=1 CoresPerSocket=$NODE_CORES ThreadsP
 PartitionName=interact Nodes=$NODE Default=YES MaxTime=8:00:00 State=UP
 PartitionName=debug Nodes=$NODE MaxTime=1:00:00 State=UP
 EOF
-write_if_changed /etc/slurm/cgroup.conf 0644 <<EOF && slurm_changed=true
+write_if_changed "$SLURM_ETC/cgroup.conf" 0644 <<EOF && slurm_changed=true
 # Written by tests/cluster/up.sh (spunnel-jupyter test cluster).
 CgroupPlugin=cgroup/v1
 CgroupMountpoint=/sys/fs/cgroup
-CgroupAutomount=no
+$automount
 ConstrainCores=no
 ConstrainRAMSpace=no
 ConstrainDevices=no
 EOF
+
+# The client commands of the release: 25.11's linked into /usr/local/bin (before /usr/bin on every PATH:
+# ours, sshd's sessions on c1 and login2, jobs), none for 22.05. Only links into $S25/bin are ever removed.
+client_links() {
+    local f name link
+    for link in /usr/local/bin/*; do
+        [[ -L $link && $(readlink "$link") == "$S25/bin/"* ]] || continue
+        if [[ $RELEASE != 25.11 || ! -x $(readlink "$link") ]]; then rm -f "$link"; fi
+    done
+    [[ $RELEASE == 25.11 ]] || return 0
+    for f in "$S25"/bin/*; do
+        name=${f##*/}
+        link=/usr/local/bin/$name
+        [[ -e $link && ! -L $link ]] && die "$link exists and is not a link: not replacing it with $f"
+        [[ $(readlink "$link" 2>/dev/null) == "$f" ]] || ln -sfn "$f" "$link"
+    done
+}
+
+# release_of NAME: the Slurm release of the recorded daemon NAME (by its executable), "" if none runs.
+release_of() {
+    local pid exe
+    pid=$(recorded_pid "$1") || return 0
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 0
+    if [[ $exe == "$S25/"* ]]; then echo 25.11; else echo 22.05; fi
+}
+# Switching releases: the other release's jobs are cancelled while its controller still runs (with its own
+# client commands), then its daemons stop; state files do not cross releases.
+old=$(release_of slurmctld)
+[[ -n $old ]] || old=$(release_of slurmd)
+if [[ -n $old && $old != "$RELEASE" ]]; then
+    say "switching the cluster from Slurm $old to $RELEASE"
+    old_bin=/usr/bin
+    [[ $old == 25.11 ]] && old_bin=$S25/bin
+    if [[ $(release_of slurmctld) == "$old" ]] && timeout 5 "$old_bin/scontrol" ping 2>/dev/null | grep -q 'is UP'; then
+        jobs=$(timeout 10 "$old_bin/squeue" -h -o %i 2>/dev/null || true)
+        if [[ -n $jobs ]]; then
+            # shellcheck disable=SC2086 # one job id per word
+            timeout 10 "$old_bin/scancel" $jobs || true
+            wait_until 15 test -z "$(timeout 5 "$old_bin/squeue" -h -o %i 2>/dev/null)" ||
+                say "WARNING: jobs of Slurm $old still listed after 15 s: $(echo $jobs)"
+        fi
+    fi
+    stop slurmd
+    stop slurmctld
+fi
+client_links
+
 if $slurm_changed; then
-    say "slurm configuration written (proctrack/$PROCTRACK)"
+    say "slurm configuration written (Slurm $RELEASE, proctrack/$PROCTRACK)"
     stop slurmd
     stop slurmctld
 fi
 
 # ---------------------------------------------------------------------------------------------------------
 # 5. slurmctld (login side) and slurmd (inside c1)
-if ! alive slurmctld slurmctld; then
+if ! alive slurmctld slurmctld || [[ $(release_of slurmctld) != "$RELEASE" ]]; then
     stop slurmctld
-    launch slurmctld /usr/sbin/slurmctld -D
-    say "slurmctld: started"
+    launch slurmctld "$SBIN/slurmctld" -D
+    say "slurmctld (Slurm $RELEASE): started"
 fi
 wait_until 20 sh -c 'scontrol ping | grep -q "is UP"' ||
-    die "slurmctld does not answer after 20 s" "$RUN/slurmctld.out" /var/log/slurm/slurmctld.log
+    die "slurmctld does not answer after 20 s" "$RUN/slurmctld.out" "$CTLD_LOG"
 
 # SPUNNEL_NODE_USERNS=0: slurmd (and so every job on c1) in a user namespace that maps every id
 # to itself and allows no further one: a node with unprivileged user namespaces switched off.
@@ -346,27 +420,28 @@ userns_as_asked() {
     own=$(readlink /proc/self/ns/user) && theirs=$(readlink "/proc/$(pid_of slurmd)/ns/user") || return 1
     if [[ $NODE_USERNS == 0 ]]; then [[ $theirs != "$own" ]]; else [[ $theirs == "$own" ]]; fi
 }
-if ! alive slurmd slurmd || ! in_c1 "$(pid_of slurmd)" || ! userns_as_asked; then
+if ! alive slurmd slurmd || ! in_c1 "$(pid_of slurmd)" || ! userns_as_asked || [[ $(release_of slurmd) != "$RELEASE" ]]; then
     stop slurmd
     no_userns=()
     [[ $NODE_USERNS == 0 ]] && no_userns=(/usr/bin/python3 "$REPO/tests/cluster/no-userns.py")
     # Not `ip netns exec`: it remounts /sys, hiding /sys/fs/cgroup from slurmd (TESTBED.md).
     launch slurmd nsenter --net="/run/netns/$NS" "${no_userns[@]}" unshare --uts \
-        sh -c "hostname $NODE && exec /usr/sbin/slurmd -D -N $NODE"
+        sh -c "hostname $NODE && exec $SBIN/slurmd -D -N $NODE"
     say "slurmd ($NODE): started"
 fi
 
 node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null; }
-node_ready() { [[ $(node_state) =~ ^(idle|mix|alloc)$ ]]; }
+# 25.11 marks a node that backfill has planned jobs for with a "-" (mix-, idle-): ready all the same.
+node_ready() { [[ $(node_state) =~ ^(idle|mix|alloc)-?$ ]]; }
 if ! node_ready; then
     # A node that failed registration shows as drain/down with a reason; say it instead of timing out blind.
     deadline=$(($(date +%s) + 30))
     until node_ready; do
         if (($(date +%s) >= deadline)); then
             die "node $NODE is not idle after 30 s: $(sinfo -h -n "$NODE" -o '%t %E' 2>&1)" \
-                "$RUN/slurmd.out" "/var/log/slurm/slurmd-$NODE.log" /var/log/slurm/slurmctld.log
+                "$RUN/slurmd.out" "$SLURMD_LOG" "$CTLD_LOG"
         fi
-        alive slurmd slurmd || die "slurmd exited" "$RUN/slurmd.out" "/var/log/slurm/slurmd-$NODE.log"
+        alive slurmd slurmd || die "slurmd exited" "$RUN/slurmd.out" "$SLURMD_LOG"
         sleep 0.1
     done
 fi
@@ -380,7 +455,7 @@ cpus=$(sinfo -h -n "$NODE" -o %c)
 on_node() {
     local user=$1 what=$2 rc=0
     shift 2
-    if [[ $state == alloc ]]; then
+    if [[ $state == alloc* ]]; then
         say "node $NODE fully allocated by running jobs: skipping $what"
         return 2
     fi
@@ -389,7 +464,7 @@ on_node() {
         say "node $NODE busy with running jobs: skipping $what"
         return 2
     fi
-    ((rc == 0)) || die "$what failed (as $user, srun -p interact $*): $out" "/var/log/slurm/slurmd-$NODE.log"
+    ((rc == 0)) || die "$what failed (as $user, srun -p interact $*): $out" "$SLURMD_LOG"
 }
 if on_node root "the srun check" hostname; then
     # The last line: srun may first say it waits for a step (a user's job still on the node).
@@ -479,8 +554,8 @@ if [[ $ADOPT == 1 ]]; then
     c1_pam=yes
     ln -sfn /usr/sbin/sshd "$SSHD_ADOPT"
     write_if_changed /etc/pam.d/sshd-adopt 0644 <<EOF || true
-# Written by tests/cluster/up.sh (pam_slurm_adopt variant of the spunnel-jupyter test cluster).
-account    required     pam_slurm_adopt.so nodename=$NODE service=sshd-adopt
+# Written by tests/cluster/up.sh (pam_slurm_adopt variant of the spunnel-jupyter test cluster, Slurm $RELEASE).
+account    required     $PAM_ADOPT nodename=$NODE service=sshd-adopt
 @include common-account
 @include common-session-noninteractive
 EOF
@@ -600,6 +675,19 @@ wait "$login_check" ||
     die "as ${USERS[0]} on the login side, $VENV/bin/python -c '$check' failed: $(cat "$RUN/check-login.out")"
 ((rc)) || echo "$stamp" >"$RUN/venv-checked"
 
+# 8a. pyslurm (Slurm 25.11 only: PyPI has no release for 22.05). The wheel is built once against
+# /opt/slurm-25.11 and stays in the venv when the cluster goes back to 22.05, where importing it works
+# (it reads /etc/slurm-25.11/slurm.conf) but its calls fail: a 25.11 client cannot talk to a 22.05 controller.
+PYSLURM=0
+if [[ $RELEASE == 25.11 ]]; then
+    bash "$REPO/tests/cluster/slurm-25.11.sh" pyslurm || die "building or installing pyslurm failed (tests/cluster/slurm-25.11.sh)"
+    out=$(cd / && runuser -u "${USERS[0]}" -- "$VENV/bin/python" -c \
+        'import pyslurm; print(" ".join(sorted(pyslurm.Partitions.load())))' 2>&1) ||
+        die "as ${USERS[0]}, import pyslurm / Partitions.load() failed: $out"
+    [[ $out == "debug interact" ]] || die "pyslurm as ${USERS[0]} lists the partitions '$out', expected 'debug interact'"
+    PYSLURM=1
+fi
+
 # ---------------------------------------------------------------------------------------------------------
 # 8b. The site's spunnel-jupyter configuration, as an administrator would write it: the nodes reach this
 # login host as spunnel-login (its own name resolves to their loopback inside c1's namespace).
@@ -611,6 +699,11 @@ EOF
 # ---------------------------------------------------------------------------------------------------------
 # 9. What the tests read.
 write_if_changed "$RUN/cluster.env" 0644 <<EOF || true
+SLURM_RELEASE=$RELEASE
+SLURM_CONF=$SLURM_ETC/slurm.conf
+SLURM_BIN=$SLURM_BIN
+SLURMCTLD_LOG=$CTLD_LOG
+PYSLURM=$PYSLURM
 PROCTRACK=$PROCTRACK
 ADOPT=$ADOPT
 NODE_USERNS=$NODE_USERNS
@@ -632,7 +725,7 @@ bash "$REPO/tests/cluster/login2.sh" || die "tests/cluster/login2.sh failed (the
 
 # ---------------------------------------------------------------------------------------------------------
 # 10. Summary
-say "cluster up: controller $LOGIN_HOST ($LOGIN_ADDR), node $NODE ($NODE_ADDR, $cpus CPUs, $state)," \
+say "cluster up (Slurm $("$SBIN/slurmctld" -V | cut -d' ' -f2)): controller $LOGIN_HOST ($LOGIN_ADDR), node $NODE ($NODE_ADDR, $cpus CPUs, $state)," \
     "partitions interact (default) and debug, proctrack/$PROCTRACK"
 say "sshd: $NODE:22, $LOGIN_ADDR:22, 127.0.0.1:$SSHD_LOGIN_PORT; users: ${USERS[*]}; venv: $VENV"
 say "settings for tests: $RUN/cluster.env; log: $LOG"

@@ -44,7 +44,8 @@ def cluster_env() -> dict[str, str]:
         timeout=30,
     )
     # idle, mixed, allocated or completing (another job's end): all fine to run tests on.
-    if ping.returncode != 0 or ping.stdout.strip().rstrip("*~#") not in (
+    # A state's suffix flags are not its health: 25.11 adds "-" (planned by backfill), "mix-".
+    if ping.returncode != 0 or ping.stdout.strip().rstrip("*~#-") not in (
         "idle",
         "mix",
         "alloc",

@@ -35,7 +35,7 @@ def node_full() -> Iterator[str]:
         cwd="/tmp",
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/home/bob"},
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/bob"},
         check=True,
     ).stdout.strip()
     deadline = time.monotonic() + 30

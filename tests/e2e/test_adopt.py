@@ -86,7 +86,7 @@ def test_other_jobs_on_the_node_are_warned_about():
     other = subprocess.run(
         ["sbatch", "--parsable", "-t", "10", "--mem=500", "--wrap", "sleep 300"],
         user="alice", group="alice", extra_groups=[], cwd="/tmp", capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice"}, check=True,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/alice"}, check=True,
     ).stdout.strip()  # fmt: skip
     deadline = time.monotonic() + 30
     while f"{other} RUNNING" not in squeue("alice"):

@@ -18,6 +18,7 @@ import pytest
 
 from .cluster import (
     as_user,
+    cluster_env,
     leftovers,
     procs_of,
     site_config,
@@ -255,7 +256,11 @@ def test_two_tunnel_pairs_reach_servers_on_the_node(served):
                     group="alice",
                     extra_groups=[],
                     cwd="/home/alice",
-                    env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+                    env={
+                        "PATH": "/usr/local/bin:/usr/bin:/bin",
+                        "HOME": "/home/alice",
+                        "USER": "alice",
+                    },
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -306,7 +311,7 @@ def busy_port():
 @pytest.fixture
 def unreachable_slurm_conf():
     """A slurm.conf (readable by the test users) naming a controller port nobody listens on."""
-    text = Path("/etc/slurm/slurm.conf").read_text()
+    text = Path(cluster_env()["SLURM_CONF"]).read_text()  # the running release's
     lines = [ln for ln in text.splitlines() if not ln.startswith("SlurmctldPort")]
     lines.insert(0, "SlurmctldPort=6999")
     path = Path(tempfile.mkdtemp(prefix="slurm-conf-", dir="/tmp"))
@@ -343,8 +348,8 @@ def test_bad_input_is_refused_with_one_clear_line_and_submits_nothing(
 ):
     args = [a.replace("BUSY", str(busy_port)) for a in args]
     env = {}
-    if message == "not on PATH":
-        env["PATH"] = "/usr/local/bin"
+    if message == "not on PATH":  # the venv's bin alone: /usr/local/bin has Slurm 25.11's links
+        env["PATH"] = f"{cluster_env()['VENV']}/bin"
     if message == "controller does not answer":
         env["SLURM_CONF"] = unreachable_slurm_conf
     result = as_user("alice", ["spunnel-notebook", "-t", "10", *args], timeout=120, **env)
@@ -478,7 +483,7 @@ def test_forwards_added_and_cancelled_at_runtime(served):
             ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",
              "8050", "--bind", "127.0.0.1", "--directory", str(home)],
             user="alice", group="alice", extra_groups=[], cwd="/home/alice",
-            env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         import urllib.request

@@ -55,7 +55,7 @@ def test_only_the_owner_reaches_her_ports(mode):
             ["srun", f"--jobid={s.job_id}", "--overlap", "-n1", "python3", "-m", "http.server",
              "8000", "--bind", "127.0.0.1", "--directory", "/"],
             user="alice", group="alice", extra_groups=[], cwd="/home/alice",
-            env={"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/alice", "USER": "alice"},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         get = "GET / HTTP/1.0\r\n\r\n"

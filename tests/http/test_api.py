@@ -25,6 +25,13 @@ ROUTES = [
 ]
 
 
+def _slurm_conf() -> str:
+    """The running release's slurm.conf (tests/cluster/up.sh records it in cluster.env)."""
+    lines = Path("/run/spunnel-test/cluster.env").read_text().splitlines()
+    env = dict(ln.split("=", 1) for ln in lines if "=" in ln)
+    return env.get("SLURM_CONF", "/etc/slurm/slurm.conf")
+
+
 def _squeue() -> list[str]:
     out = subprocess.run(
         ["squeue", "-h", "-u", os.environ["USER"], "-o", "%i %T"],
@@ -108,9 +115,7 @@ def _jobs_submitted() -> int:
 async def test_slurm_unreachable_is_503(jp_fetch, monkeypatch, tmp_path):
     conf = tmp_path / "slurm.conf"
     lines = [
-        ln
-        for ln in open("/etc/slurm/slurm.conf").read().splitlines()
-        if not ln.startswith("SlurmctldPort")
+        ln for ln in open(_slurm_conf()).read().splitlines() if not ln.startswith("SlurmctldPort")
     ]
     conf.write_text("SlurmctldPort=6999\n" + "\n".join(lines) + "\n")
     monkeypatch.setenv("SLURM_CONF", str(conf))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spunnel_jupyter.backend import JobState, format_duration, parse_mem_mb, parse_time_limit
+from spunnel_jupyter.channel import _SLURM_SAYS
 from spunnel_jupyter.errors import ExitCode, SlurmRejected, SlurmUnavailable, UsageError
 from spunnel_jupyter.fields import build_request
 from spunnel_jupyter.slurm import classify_error
@@ -135,3 +136,22 @@ def test_unknown_never_counts_as_ended():
     assert JobState.parse("CANCELLED by 1001") is JobState.CANCELLED
     assert JobState.parse("") is JobState.UNKNOWN
     assert not JobState.GONE.active and not JobState.TIMEOUT.active
+
+
+STEP_END = "*** STEP 36.0 ON c1 CANCELLED AT 2026-12-03T19:49:35 DUE TO TIME LIMIT ***"
+
+
+@pytest.mark.parametrize(
+    ("line", "slurms"),
+    [
+        ("srun: error: Unable to allocate resources: Invalid partition name specified", True),
+        (f"slurmstepd: error: {STEP_END}", True),  # Slurm 22.05
+        (f"slurmstepd-c1: error: {STEP_END}", True),
+        (f"[2026-12-03T19:49:35.007] error: {STEP_END}", True),  # Slurm 25.11
+        ("[I 2026-12-03 19:49:35.007 ServerApp] Jupyter Server is running", False),
+        ("[W 19:49:35.007 LabApp] something", False),
+    ],
+)
+def test_slurms_own_lines_on_sruns_stderr_are_told_from_jupyters(line, slurms):
+    """why_ended() reads the time limit from Slurm's step message, which 25.11 timestamps."""
+    assert bool(_SLURM_SAYS.match(line)) is slurms
