@@ -39,8 +39,8 @@ def release() -> str:
     return cluster_env()["SLURM_RELEASE"]
 
 
-def config_for(backend: str, timeout: float = 15) -> str:
-    return site_config({"SpunnelManager": {"slurm_backend": backend},
+def config_for(backend: str, timeout: float = 15, refresh: float = 60) -> str:
+    return site_config({"SpunnelManager": {"slurm_backend": backend, "refresh_interval": refresh},
                         "SlurmCLI": {"timeout": timeout}})  # fmt: skip
 
 
@@ -79,11 +79,14 @@ def _ppid(pid: int) -> int:
 
 
 def test_a_whole_session_on_the_backend_auto_picks(release):
-    s = start(USER, "-p", "interact", "--mem", "500", "-t", "30")
+    s = start(USER, "-p", "interact", "--mem", "500", "-t", "30",
+              env_path=config_for("auto", refresh=1))  # fmt: skip
     try:
         s.wait_ready()
-        record = s.record()
-        assert record.get("end_time"), record  # the job's end time came from a job query
+        deadline = time.monotonic() + 10
+        while not s.record.get("end_time") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert s.record.get("end_time"), s.record  # the job's end time, from a job query
         workers = workers_of(s.proc.pid)
         assert len(workers) == (1 if release == "25.11" else 0), procs_of(USER)
         s.signal(signal.SIGINT)
