@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bench
 from bench import (
     JOB_ARGS,
     PROG,
@@ -140,7 +141,9 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
-    release = C.cluster_env().get("SLURM_RELEASE")
+    env = C.cluster_env()
+    release = env.get("SLURM_RELEASE")
+    bench.SLURMCTLD_LOG = Path(env.get("SLURMCTLD_LOG", bench.SLURMCTLD_LOG))  # 25.11's own
     if release != "25.11":
         sys.exit(f"backends: the cluster runs Slurm {release}; run tests/benchmarks/backends.sh")
     configs = {kind: site(kind) for kind in USERS}
