@@ -355,18 +355,19 @@ def test_job_cancelled_elsewhere_while_pending(fake):
     fake.assert_clean(m)
 
 
+async def cancelled_when_ready(fake: FakeCluster, m: SpunnelManager) -> tuple[Any, Any, float]:
+    """A session scancelled once ready: it, its outcome, and the seconds from scancel to its end."""
+    s = await start(m)
+    await ready(s)
+    cancelled_at = time.monotonic()
+    assert fake.scancel(s.job_id).returncode == 0
+    outcome = await s.wait()
+    return s, outcome, time.monotonic() - cancelled_at
+
+
 def test_job_cancelled_elsewhere_while_ready_ends_everything_within_two_seconds(fake):
     m = SpunnelManager(config=fake.config())
-
-    async def scenario():
-        s = await start(m)
-        await ready(s)
-        cancelled_at = time.monotonic()
-        assert fake.scancel(s.job_id).returncode == 0
-        outcome = await s.wait()
-        return s, outcome, time.monotonic() - cancelled_at
-
-    s, outcome, took = run(scenario())
+    s, outcome, took = run(cancelled_when_ready(fake, m))
     assert outcome.reason == f"job {s.job_id} was cancelled (scancel or Slurm)"
     assert outcome.exit_code == ExitCode.OK and outcome.error is None
     assert took < 2.0
@@ -387,16 +388,7 @@ def test_scancel_ends_jupyter_at_once_without_waiting_for_its_own_shutdown(fake)
     for, since slurmd only looks again 0.67 s and then 1.67 s after its SIGTERM."""
     slow = {"jupyter_args": ["--Fake.stop_delay=5"], "jupyter_stop_grace": 10.0}
     m = SpunnelManager(config=fake.config(SpunnelManager=slow))
-
-    async def scenario():
-        s = await start(m)
-        await ready(s)
-        cancelled_at = time.monotonic()
-        assert fake.scancel(s.job_id).returncode == 0
-        outcome = await s.wait()
-        return s, outcome, time.monotonic() - cancelled_at
-
-    s, outcome, took = run(scenario())
+    s, outcome, took = run(cancelled_when_ready(fake, m))
     assert outcome.reason == f"job {s.job_id} was cancelled (scancel or Slurm)"
     assert took < 1.0, took
     said = _node_exit(fake)
