@@ -40,7 +40,7 @@ from bench import (
     login_procs,
     machine,
     memory,
-    rpc_counts,
+    rpc_rate,
     say,
     stats,
 )
@@ -65,12 +65,6 @@ def site(kind: str) -> str:
     return C.site_config({"SpunnelManager": {"slurm_backend": kind, "refresh_interval": 2.0}})
 
 
-def rate(user: str, window: float) -> float:
-    before = rpc_counts()
-    time.sleep(window)
-    return (rpc_counts().get(user, 0) - before.get(user, 0)) / window
-
-
 def timed(user: str, argv: list[str], config: str) -> float:
     t0 = time.monotonic()
     C.as_user(user, argv, timeout=60, JUPYTER_CONFIG_PATH=config)
@@ -91,7 +85,7 @@ def one_session(kind: str, config: str, window: float, log: SlurmLog) -> dict[st
         assert tool.out is not None
         tool.out.wait(r"job \d+ PENDING", 60)
         time.sleep(2.5)  # past the start-up queries (sinfo, the allocation request)
-        out["rpc_pending"] = rate(user, window)
+        out["rpc_pending"] = rpc_rate(user, window)
         subprocess.run(["scancel", str(blocker_job)], check=True, timeout=30)
         tool.wait_url()
         job = int(tool.record["job_id"])
@@ -100,7 +94,7 @@ def one_session(kind: str, config: str, window: float, log: SlurmLog) -> dict[st
             raise RuntimeError(f"no allocation of job {job} in slurmctld's log")
         out["noticed"] = tool.record["times"]["running"] - allocated
         time.sleep(1.0)
-        out["rpc_running"] = rate(user, window)
+        out["rpc_running"] = rpc_rate(user, window)
         pids = login_procs(user)
         mem = [memory(pid) for pid in pids]
         out["rss"] = sum(m["rss_mb"] for m in mem)

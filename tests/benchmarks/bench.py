@@ -246,6 +246,13 @@ def rpc_counts() -> dict[str, int]:
     }
 
 
+def rpc_rate(user: str, window: float) -> float:
+    """Controller RPCs per second of ``user`` over the next ``window`` seconds (sdiag)."""
+    before = rpc_counts()
+    time.sleep(window)
+    return (rpc_counts().get(user, 0) - before.get(user, 0)) / window
+
+
 def lock_free(user: str) -> bool:
     lock = C.state_dir(user) / "lock"
     try:
@@ -798,11 +805,7 @@ class Bench:
             tool.out.wait(r"job \d+ PENDING", 60)
             if rpc_window:
                 time.sleep(2.5)  # past the start-up queries (sinfo, srun's allocation request)
-                before = rpc_counts()
-                time.sleep(rpc_window)
-                after = rpc_counts()
-                rate = (after.get(user, 0) - before.get(user, 0)) / rpc_window
-                self.add("rpc_pending_per_s", rate)
+                self.add("rpc_pending_per_s", rpc_rate(user, rpc_window))
             subprocess.run(["scancel", str(blocker_job)], check=True, timeout=30)
             tool.wait_url()
             rec = tool.record
@@ -823,11 +826,7 @@ class Bench:
             )
             if rpc_window:
                 time.sleep(1.0)
-                before = rpc_counts()
-                time.sleep(rpc_window)
-                after = rpc_counts()
-                rate = (after.get(user, 0) - before.get(user, 0)) / rpc_window
-                self.add("rpc_running_per_s", rate)
+                self.add("rpc_running_per_s", rpc_rate(user, rpc_window))
                 self.add("supervisor_rss_mb", tool.memory()["supervisor"]["rss_mb"])
             assert tool.proc is not None
             tool.proc.send_signal(signal.SIGINT)
@@ -1645,10 +1644,7 @@ class Peers:
                     raise RuntimeError(f"{kind}: no pending job; output:\n{out.text()[-2000:]}")
                 time.sleep(0.1)
             time.sleep(2.5)  # past the start-up queries, as for the floor table's figure
-            counts = rpc_counts()
-            time.sleep(window)
-            rate = (rpc_counts().get(user, 0) - counts.get(user, 0)) / window
-            self.bench.add(f"peer_{kind}_rpc_pending_per_s", rate)
+            self.bench.add(f"peer_{kind}_rpc_pending_per_s", rpc_rate(user, window))
         finally:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
