@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from spunnel_jupyter.console import STARTED_AFTER
+
 from .cluster import site_config, start, wait_clean
 
 
@@ -29,7 +31,9 @@ def test_a_start_after_waiting_rings_the_bell_and_tells_the_desktop(node_full):
         # Slurm's backfill pass (every 30 s by default) computes when the job should start.
         s.wait_for(r"job \d+ PENDING \(Resources\), waiting 0:0\d:\d\d, expected to start at "
                    r"\d\d:\d\d", timeout=75)  # fmt: skip
-        time.sleep(1)  # and it has waited long enough in the queue to be worth a bell
+        # and it has waited long enough in the queue to be worth a bell (the backfill pass can
+        # come within seconds of the submission)
+        time.sleep(max(1.0, s.started + STARTED_AFTER + 3 - time.monotonic()))
         subprocess.run(["scancel", node_full], check=True)
         started = r"\x07spunnel-notebook: (job (\d+) started after 0:0\d:\d\d in the queue)"
         m = s.wait_for(started, 60)
