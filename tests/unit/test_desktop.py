@@ -30,7 +30,7 @@ from spunnel_jupyter.desktop import (
 )
 from spunnel_jupyter.manager import SpunnelManager
 from tests.fakes.cluster import FakeCluster, until
-from tests.unit.test_shell_fakes import Terminal
+from tests.fakes.terminal import Terminal
 
 URL = r"http://127\.0\.0\.1:\d+/lab\?token=[0-9a-f]+"
 OPENING = "opening it in this desktop's browser"
@@ -148,14 +148,6 @@ def desk(fake, monkeypatch) -> Path:
     for name, value in {**DESK, "BROWSER": str(browser)}.items():
         monkeypatch.setenv(name, value)
     return record
-
-
-@pytest.fixture
-def terminals():
-    opened: list[Terminal] = []
-    yield opened
-    for t in opened:
-        t.close()
 
 
 def seen(record: Path, timeout: float = 10) -> dict[str, Any]:
