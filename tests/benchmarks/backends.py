@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,9 @@ def one_session(kind: str, config: str, window: float, log: SlurmLog) -> dict[st
     tool = Tool(user, [*JOB_ARGS, "--", f"--dependency=afterany:{blocker_job}"],
                 env={"JUPYTER_CONFIG_PATH": config}).start()  # fmt: skip
     out: dict[str, float] = {}
-    try:
+    with tool.watched(
+        f"{kind} session", *(partial(C.force_clean, name) for name in (user, BLOCKER))
+    ):
         assert tool.out is not None
         tool.out.wait(r"job \d+ PENDING", 60)
         time.sleep(2.5)  # past the start-up queries (sinfo, the allocation request)
@@ -108,14 +111,6 @@ def one_session(kind: str, config: str, window: float, log: SlurmLog) -> dict[st
         if left:
             raise RuntimeError(f"{kind}: left after Ctrl-C: {left}")
         out["stop"] = timed(user, [PROG, "stop"], config)
-    except Exception:
-        say(f"{kind} session failed; output:\n{tool.out.text() if tool.out else ''}")
-        raise
-    finally:
-        if tool.proc and tool.proc.poll() is None:
-            tool.proc.kill()
-        for name in (user, BLOCKER):
-            C.force_clean(name)
     return out
 
 

@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -466,6 +467,21 @@ class Tool:
             self.proc.kill()
             return self.proc.wait()
 
+    @contextlib.contextmanager
+    def watched(self, what: str, *cleanup: Callable[[], object]) -> Iterator[Tool]:
+        """The tool's run: if it fails, its output is said (token masked); whatever happens, it
+        is killed if still running, then each cleanup runs."""
+        try:
+            yield self
+        except Exception:
+            say(f"{what} failed; its output:\n{mask(self.out.text()) if self.out else ''}")
+            raise
+        finally:
+            if self.proc and self.proc.poll() is None:
+                self.proc.kill()
+            for step in cleanup:
+                step()
+
 
 def timeline(tool: Tool, times: dict[str, float]) -> dict[str, float]:
     """The tool's own timestamps, relative to the command's start."""
@@ -554,7 +570,7 @@ class Bench:
         """One session on the idle cluster: time to URL, detection, memory, then end it."""
         self.clean(user)
         tool = Tool(user, JOB_ARGS).start()
-        try:
+        with tool.watched(f"session of {user}", lambda: self.clean(user)):
             tool.wait_url()
             self.add("time_to_url_s", tool.answered_at - tool.t0)
             rec = tool.record
@@ -583,13 +599,6 @@ class Bench:
             self.add(f"end_{end}", gone)
             if gone["all"] is None:
                 self.notes.append(f"{end}: left after 20 s: {gone['left']}")
-        except Exception:
-            say(f"session of {user} failed; its output:\n{tool.out.text() if tool.out else ''}")
-            raise
-        finally:
-            if tool.proc and tool.proc.poll() is None:
-                tool.proc.kill()
-            self.clean(user)
 
     def without_private_tmp(self, user: str) -> None:
         """Time to URL with the private /tmp switched off by the site (its start-up cost is the
@@ -601,16 +610,12 @@ class Bench:
             json.dumps({"PrivateTmp": {"enabled": False}})
         )
         tool = Tool(user, JOB_ARGS, env={"JUPYTER_CONFIG_PATH": str(site)}).start()
-        try:
+        with tool.watched(f"session of {user}", lambda: self.clean(user)):
             tool.wait_url()
             self.add("time_to_url_no_private_tmp_s", tool.answered_at - tool.t0)
             log = (C.state_dir(user) / "session.log").read_text(errors="replace")
             if "user namespace" in log:
                 raise RuntimeError("the site's PrivateTmp.enabled = False was not honoured")
-        finally:
-            if tool.proc and tool.proc.poll() is None:
-                tool.proc.kill()
-            self.clean(user)
 
     def detached_session(self, user: str) -> None:
         """`--detach` until the prompt is back; `attach` after the supervisor that held the
@@ -695,7 +700,8 @@ class Bench:
         self.clean(user)
         on_disk = Path(f"/home/{user}/{SAVE_NOTEBOOK}")
         tool = Tool(user, JOB_ARGS).start()
-        try:
+        cleanup = (lambda: on_disk.unlink(missing_ok=True), lambda: self.clean(user))
+        with tool.watched(f"session of {user}", *cleanup):
             tool.wait_url()
             token, job = tool.token(), int(tool.record["job_id"])
             code, _ = rest(
@@ -735,15 +741,6 @@ class Bench:
             gone.update(save_phase(user))
             gone["edit_on_disk"] = SAVE_EDIT in on_disk.read_text()
             self.add("save_browser", gone)
-        except Exception:
-            said = mask(tool.out.text()) if tool.out else ""
-            say(f"session of {user} failed; its output:\n{said}")
-            raise
-        finally:
-            if tool.proc and tool.proc.poll() is None:
-                tool.proc.kill()
-            on_disk.unlink(missing_ok=True)
-            self.clean(user)
 
     def cli_times(self, user: str, reps: int = 5) -> None:
         for _ in range(reps):
@@ -800,7 +797,7 @@ class Bench:
         )
         blocker_job = int(blocker.stdout.strip().split(";")[0])
         tool = Tool(user, [*JOB_ARGS, "--", f"--dependency=afterany:{blocker_job}"]).start()
-        try:
+        with tool.watched(f"pending session of {user}", lambda: self.clean(user, blocker_user)):
             assert tool.out is not None
             tool.out.wait(r"job \d+ PENDING", 60)
             if rpc_window:
@@ -831,13 +828,6 @@ class Bench:
             assert tool.proc is not None
             tool.proc.send_signal(signal.SIGINT)
             tool.finish()
-        except Exception:
-            say(f"pending session of {user} failed; output:\n{tool.out.text() if tool.out else ''}")
-            raise
-        finally:
-            if tool.proc and tool.proc.poll() is None:
-                tool.proc.kill()
-            self.clean(user, blocker_user)
 
     def rpc_costs(self, user: str) -> dict[str, float]:
         """Controller RPCs (sdiag, per user) that one call of each Slurm command costs."""
