@@ -17,6 +17,8 @@ import signal
 import subprocess
 import sys
 
+from . import process
+
 SUPERVISOR_FLAG = "--as-detached-supervisor"  # the child's argv marker (hidden from --help)
 _READY_FD = "SPUNNEL_DETACH_FD"
 
@@ -25,7 +27,7 @@ def run_detached(argv: list[str]) -> int:
     """The terminal's side: 0 once the child is detached with its URL out, else its exit code."""
     ready_r, ready_w = os.pipe()
     child = subprocess.Popen(
-        [sys.executable, "-m", "spunnel_jupyter.cli", SUPERVISOR_FLAG, *argv],
+        [*process.python_module("spunnel_jupyter.cli"), SUPERVISOR_FLAG, *argv],
         stdin=subprocess.DEVNULL,
         pass_fds=(ready_w,),
         env={**os.environ, _READY_FD: str(ready_w)},

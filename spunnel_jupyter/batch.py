@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import IO
@@ -33,7 +32,7 @@ _FAST = 0.25
 
 
 def _node_command(settings: SessionSettings, module: str) -> list[str]:
-    command = list(settings.launcher_command) or [sys.executable, "-m", "spunnel_jupyter.launcher"]
+    command = list(settings.launcher_command) or process.python_module("spunnel_jupyter.launcher")
     if command[-1] == "spunnel_jupyter.launcher":  # the default, or the same spelt by the site
         return [*command[:-1], f"spunnel_jupyter.{module}"]
     return command if module == "launcher" else [*command, "--follow"]

@@ -13,7 +13,6 @@ import contextlib
 import os
 import re
 import signal
-import sys
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -93,9 +92,8 @@ class NodeChannel:
     async def start(self, options: list[str], tag: str, launcher: LauncherSettings) -> None:
         """Submit: srun with the settings already in its stdin pipe (a write can then never race
         an srun that refused the job and exited at once). Raises SlurmUnavailable."""
-        command = list(self.settings.launcher_command) or [
-            sys.executable, "-m", "spunnel_jupyter.launcher"
-        ]  # fmt: skip
+        command = list(self.settings.launcher_command)
+        command = command or process.python_module("spunnel_jupyter.launcher")
         stdin, self._to_node = os.pipe()
         try:
             os.write(self._to_node, launcher.line())

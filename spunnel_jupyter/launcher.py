@@ -46,6 +46,7 @@ from .dialback import DialBack
 from .nodehold import hold_step
 from .nodestop import end_jupyter, kill_leftovers
 from .notices import Notices
+from .process import python_module
 from .protocol import (
     EVENTS_FILE,
     JUPYTER_LOG,
@@ -123,7 +124,7 @@ class Launcher:
         self.token = settings.token or secrets.token_hex(24)
         self.ui = settings.ui
         self.base = settings.runtime_base or tempfile.gettempdir()
-        self.command = settings.jupyter_command or [sys.executable, "-m", "jupyter_server"]
+        self.command = settings.jupyter_command or python_module("jupyter_server")
         self.args = settings.jupyter_args
         self.start_timeout = float(settings.start_timeout)
         self.stop_grace = float(settings.stop_grace)

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import sys
 import termios
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,16 @@ from typing import IO
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def python_module(module: str) -> list[str]:
+    """``python -m MODULE`` that never imports from its working directory (``-m`` puts it first
+    on sys.path: a directory others can write, /tmp or a shared project, could plant code)."""
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", module]
+    run = "import runpy, sys; del sys.path[0]; "
+    run += f"runpy.run_module({module!r}, None, '__main__', alter_sys=True)"
+    return [sys.executable, "-c", run]
 
 
 def die_with_parent(parent: int, sig: int) -> None:
