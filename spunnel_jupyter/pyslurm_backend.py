@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ class Worker:
         self.errors: IO[bytes] = tempfile.TemporaryFile()  # libslurm's messages, read on death
         parent = os.getpid()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER],
+            process.python_module(WORKER), cwd="/",
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
             start_new_session=True,
             preexec_fn=lambda: process.die_with_parent(parent, signal.SIGKILL),
@@ -68,9 +67,15 @@ class Worker:
         self.lock = threading.Lock()
 
     def read(self) -> dict[str, Any] | None:
+        """Its next line; None at its end, or if the line is not its JSON (the protocol is lost:
+        something else wrote on its stdout)."""
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+        try:
+            reply = json.loads(line) if line else None
+        except ValueError:
+            return None
+        return reply if isinstance(reply, dict) else None
 
     def ask(self, call: str, args: list[Any]) -> dict[str, Any] | None:
         """The worker's reply, or None if it died (or was killed: ``end``) meanwhile."""
@@ -91,7 +96,9 @@ class Worker:
     def end(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        self.errors.close()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.errors):
+            if pipe is not None:
+                pipe.close()
 
 
 class SlurmPyslurm(SlurmCLI):
@@ -107,17 +114,21 @@ class SlurmPyslurm(SlurmCLI):
         super().__init__(**kwargs)
         self._choice: Choice | None = None  # two first calls at once may both probe: harmless
         self._worker: Worker | None = None
+        self._calls = 0  # calls in flight: close() waits for them
+        self._closing = False
+        self._turn: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     async def _start(self) -> tuple[Worker | None, str]:
         """A new worker and the pyslurm version it says, or None and why it could not start."""
         worker = Worker()  # from the event loop's thread: PR_SET_PDEATHSIG follows that thread
         try:
             hello = await asyncio.wait_for(asyncio.to_thread(worker.read), self.timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             worker.end()
             return None, f"pyslurm did not load within {self.timeout:g} s"
-        except ValueError:  # not our JSON: something printed on stdout at import
-            hello = None
+        except BaseException:  # cancelled: nobody will use it
+            worker.end()
+            raise
         if hello is None or "version" not in hello:
             worker.proc.kill()
             code = worker.proc.wait()
@@ -166,32 +177,37 @@ class SlurmPyslurm(SlurmCLI):
         return f"Slurm's commands ({mode}): {choice.why}"
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.end()
+        """End the worker, once the calls in flight (another page's, a starting session's) have
+        their answers."""
+        self._closing = True
+        if not self._calls:
+            self._end(self._worker)
+
+    def _end(self, worker: Worker | None) -> None:
+        """End ``worker`` if it is still the one in use (not one a later call started)."""
+        if worker is not None and worker is self._worker:
+            self._closing = False
             self._worker = None
+            worker.end()
+
+    def _lock(self) -> asyncio.Lock:
+        """One call at a time, queued here (not against its time bound); one lock per loop."""
+        loop = asyncio.get_running_loop()
+        if self._turn is None or self._turn[0] is not loop:
+            self._turn = (loop, asyncio.Lock())
+        return self._turn[1]
 
     async def _ask(self, call: str, *args: Any) -> Any:
         """What the worker answers to ``call(*args)``; Slurm's own error as its SpunnelError
         (``classify_error``). A worker that dies or does not answer in time is replaced."""
-        worker = self._worker
-        if worker is None or worker.proc.poll() is not None:
-            self.close()
-            worker, said = await self._start()
-            if worker is None:
-                raise SlurmUnavailable(f"the pyslurm backend stopped working: {said}",
-                                       "tell your administrators (or set "
-                                       "c.SpunnelManager.slurm_backend = 'cli')")  # fmt: skip
+        self._calls += 1
         try:
-            reply = await asyncio.wait_for(asyncio.to_thread(worker.ask, call, list(args)),
-                                           self.timeout)  # fmt: skip
-        except TimeoutError:
-            reply = None
-        if reply is None:  # no answer in time, or it died: the next call starts a new one
-            self.close()
-            raise SlurmUnavailable(
-                unanswered(self.timeout),
-                "try again in a minute; if it persists, tell your administrators",
-            )
+            async with self._lock():
+                reply = await self._ask_worker(call, list(args))
+        finally:
+            self._calls -= 1
+            if self._closing and not self._calls:
+                self._end(self._worker)
         if "error" in reply:
             raise classify_error(str(reply["error"]))
         if "bug" in reply:
@@ -199,6 +215,24 @@ class SlurmPyslurm(SlurmCLI):
                                    "tell your administrators (c.SpunnelManager.slurm_backend = "
                                    "'cli' avoids it)")  # fmt: skip
         return reply["ok"]
+
+    async def _ask_worker(self, call: str, args: list[Any]) -> dict[str, Any]:
+        worker = self._worker
+        if worker is None or worker.proc.poll() is not None:
+            self._end(worker)
+            worker, said = await self._start()
+            if worker is None:
+                raise SlurmUnavailable(f"the pyslurm backend stopped working: {said}",
+                                       "tell your administrators (or set "
+                                       "c.SpunnelManager.slurm_backend = 'cli')")  # fmt: skip
+        try:
+            reply = await asyncio.wait_for(asyncio.to_thread(worker.ask, call, args), self.timeout)
+        except asyncio.TimeoutError:
+            reply = None
+        if reply is None:  # no answer in time, or it died: the next call starts a new one
+            self._end(worker)
+            raise unanswered(self.timeout)
+        return reply
 
     # -- the queries -------------------------------------------------------------------------
     async def job(self, job_id: int) -> JobInfo:

@@ -62,9 +62,12 @@ _REJECTIONS = [
 ]
 
 
-def unanswered(timeout: float) -> str:
+def unanswered(timeout: float) -> SlurmUnavailable:
     """What the user is told of a controller that did not answer in time (either backend)."""
-    return f"the Slurm controller does not answer (waited {timeout:g} s)"
+    return SlurmUnavailable(
+        f"the Slurm controller does not answer (waited {timeout:g} s)",
+        "try again in a minute; if it persists, tell your administrators",
+    )
 
 
 def classify_error(stderr: str) -> SpunnelError:
@@ -123,10 +126,7 @@ class SlurmCLI(LoggingConfigurable):
         try:
             result = await process.run(argv, timeout=self.timeout, env=dict(env) if env else None)
         except TimeoutError as e:
-            raise SlurmUnavailable(
-                unanswered(self.timeout),
-                "try again in a minute; if it persists, tell your administrators",
-            ) from e
+            raise unanswered(self.timeout) from e
         self.log.debug("%s -> %s %s", " ".join(argv), result.returncode, result.stderr.strip())
         return result
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from spunnel_jupyter import pyslurm_backend
+from spunnel_jupyter import process, pyslurm_backend
 from spunnel_jupyter.backend import JobState
 from spunnel_jupyter.errors import ExitCode, SlurmUnavailable, SpunnelError
 from spunnel_jupyter.manager import SpunnelManager
@@ -208,3 +208,41 @@ def test_calls_at_once_share_one_worker(fake):
     assert len(workers(fake)) == 1
     slurm.close()
     assert workers(fake) == [] and fake.zombie_children() == []
+
+
+def test_a_close_waits_for_the_calls_in_flight(fake):
+    """Another page's form, loaded while this one's call waits for a slow controller, closes the
+    backend when its own call is done (as SpunnelManager._outside_session does): this call still
+    gets its answer, and the worker ends after it."""
+    slurm = backend(fake)
+    run(slurm.choice())
+    fake.switch("slurm_delay", "1")
+
+    async def two_pages() -> Any:
+        first = asyncio.create_task(slurm.partitions())
+        await asyncio.sleep(0.3)
+        slurm.close()  # the other page's call is done
+        return await first
+
+    assert len(run(two_pages())) == 2
+    assert workers(fake) == [] and fake.zombie_children() == []
+
+
+def test_code_planted_in_the_working_directory_is_never_imported(fake, tmp_path, monkeypatch):
+    """The JupyterLab server's working directory may be one others can write (/tmp, a shared
+    project): neither the worker nor any ``python -m`` we start imports from it."""
+    planted = tmp_path / "planted"
+    for module in ("pyslurm", "json"):
+        (tmp_path / f"{module}.py").write_text(f"open({str(planted)!r}, 'a').write('{module}')\n")
+    monkeypatch.chdir(tmp_path)
+    slurm = backend(fake)
+    assert len(run(slurm.partitions())) == 2
+    slurm.close()
+    json_tool = [process.python_module("json.tool")]  # -P, from Python 3.11
+    monkeypatch.setattr(process.sys, "version_info", (3, 10, 0))
+    json_tool.append(process.python_module("json.tool"))  # sys.path[0] dropped, before 3.11
+    assert json_tool[0][1] == "-P" and json_tool[1][1] == "-c"
+    for argv in json_tool:
+        ran = subprocess.run(argv, input="{}", text=True, capture_output=True, timeout=30)
+        assert ran.stdout.strip() == "{}", ran.stderr
+    assert not planted.exists(), planted.read_text()
