@@ -276,7 +276,9 @@ class Launcher:
         if listening is not None:
             listening.cancel()
         await dialer.cancel()
-        kill_leftovers()  # kernels (sessions of their own) would hold Jupyter's output open
+        # kernels (sessions of their own) would hold Jupyter's output open
+        if stuck := kill_leftovers():
+            sys.stderr.write(f"spunnel: processes {stuck} did not end on SIGKILL (stuck in I/O?)\n")
         if self.signal_name:
             emit("exited", reason="signal", signal=self.signal_name, jupyter=how, **saving)
         elif self.failure:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 from . import process
 
@@ -45,19 +46,23 @@ def _children() -> list[int]:
     return pids
 
 
-def kill_leftovers() -> None:
+def kill_leftovers(within: float = 2.0) -> list[int]:
     """SIGKILL every child left (kernels re-parented to us as the subreaper) and reap them.
-    Only once no child of ours is awaited by asyncio (Jupyter, the dial-back's ssh)."""
-    for _ in range(20):
-        pids = _children()
-        if not pids:
-            return
+    Only once no child of ours is awaited by asyncio (Jupyter, the dial-back's ssh). Bounded: a
+    kernel that SIGKILL cannot end (in uninterruptible I/O on a hung filesystem) is given up
+    after ``within`` seconds, and returned; Slurm's own cleanup of the step gets it later."""
+    deadline = time.monotonic() + within
+    while pids := _children():
+        if time.monotonic() > deadline:
+            return pids
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in pids:
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.01)
+    return []
 
 
 def at_once(signal_name: str) -> bool:
