@@ -1451,13 +1451,15 @@ PEERS_NOTES = [
     "process for jupyter-forward's connection not counted); gone = the commands exited, the local "
     "port closed, no job of the user in squeue, no process of the user on the login host or the "
     "node; files left = new files or directories of the user in their home and /tmp, once all is "
-    "gone (~/.ipython and ~/.npm aside: any Jupyter kernel or JupyterLab makes them)",
+    "gone (~/.ipython, ~/.npm and an empty ~/.local/share/jupyter aside: any Jupyter kernel or "
+    "JupyterLab makes them)",
 ]
 
 
 # Files any Jupyter leaves in a home, whatever started it: the kernel's IPython profile, npm's logs
-# of JupyterLab's build check. Not counted as a tool's leftovers.
-ANY_JUPYTER = re.compile(r"/home/[^/]+/(\.ipython|\.npm)(/|$)")
+# of JupyterLab's build check, and the data directory ~/.local/share/jupyter that `jupyter lab`
+# makes at start-up (the directories only: what is put in them counts). Not a tool's leftovers.
+ANY_JUPYTER = re.compile(r"/home/[^/]+/((\.ipython|\.npm)(/|$)|\.local(/share(/jupyter)?)?$)")
 
 
 GENERIC = re.compile(r"(?<=jupyter-)[0-9a-f]{8}(?=\.log)|(?<=[-_.])[0-9][0-9T-]*[0-9]")
